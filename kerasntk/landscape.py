@@ -1,0 +1,296 @@
+"""Loss-landscape geometry between two networks (METHODS.md §2): linear interpolation, error and loss
+barriers, BatchNorm re-estimation, function-space and weight-space distances.
+
+A *weight set* is a list of numpy arrays in `model.weights` order, i.e. what `model.get_weights()`
+returns, BatchNorm moving statistics included. Reductions are done in float64 on the host.
+"""
+
+import contextlib
+import os
+import weakref
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+BN_MODES = ("reestimate", "interpolate")
+
+
+def trainable_mask(model):
+    """`[v.trainable for v in model.weights]`: which entries of a weight set are trainable."""
+    return [bool(v.trainable) for v in model.weights]
+
+
+def interpolate(w_a, w_b, alpha):
+    """(1 − α) w_a + α w_b for every weight (BN moving statistics included), in each weight's dtype.
+
+    Computed in float64 and cast back, so α = 0 and α = 1 return the endpoints exactly and identical
+    endpoints give back the same weights at every α.
+    """
+    _check_pair(w_a, w_b)
+    alpha = float(alpha)
+    return [
+        ((1.0 - alpha) * np.asarray(a, np.float64) + alpha * np.asarray(b, np.float64)).astype(np.asarray(a).dtype)
+        for a, b in zip(w_a, w_b)
+    ]
+
+
+def evaluate(model, weights, x, y, batch_size=512):
+    """Error, mean cross-entropy (nats) and float64 logits of `model` on (x, y) in inference mode.
+
+    `weights` (a weight set) is loaded into the model first; None evaluates the current weights.
+    `y` holds integer class labels, shape (N,).
+    """
+    if weights is not None:
+        model.set_weights(weights)
+    y = _labels(y, len(x))
+    logits = np.concatenate([_predict(model, xb) for xb in _batches(x, batch_size)])
+    return dict(error=_error(logits, y), loss=_cross_entropy(logits, y), logits=logits)
+
+
+def reestimate_batchnorm(model, x_batches, batch_size=512):
+    """Set every BatchNormalization layer's moving mean/variance to the exact population statistics of
+    its inputs over `x_batches` (an array, split into `batch_size` chunks, or an iterable of arrays).
+
+    Layers are processed in topological order with the whole network in inference mode, each after the
+    layers before it were updated, so afterwards every BN layer's moving mean/variance equal the mean and
+    (biased, ddof=0) variance of the inputs it actually receives at inference on these examples: no EMA,
+    no dependence on how the examples are batched. Costs about (number of BN layers)/2 forward passes.
+    A model without BatchNormalization is left unchanged.
+    """
+    batches = list(_batches(x_batches, batch_size)) if isinstance(x_batches, np.ndarray) else list(x_batches)
+    if not batches:
+        raise ValueError("reestimate_batchnorm needs at least one batch of inputs; got none")
+    for layer, probe in _bn_probes(model):
+        mean, var = _channel_moments(probe, batches, layer.axis)
+        layer.moving_mean.assign(mean.astype(layer.moving_mean.dtype))
+        layer.moving_variance.assign(var.astype(layer.moving_variance.dtype))
+
+
+def has_batchnorm(model):
+    """True when `model` contains a BatchNormalization layer (at any nesting depth)."""
+    return any(isinstance(layer, keras.layers.BatchNormalization) for layer in model._flatten_layers())
+
+
+def path(model, w_a, w_b, alphas, eval_sets, *, bn="reestimate", bn_x=None, batch_size=512):
+    """Error and loss of `model` along w_α = (1 − α) w_a + α w_b for each α and each named eval set.
+
+    eval_sets: {name: (x, y)}. bn="reestimate" recomputes BN statistics of every w_α (endpoints
+    included, so the whole curve is treated alike) on `bn_x` with `reestimate_batchnorm`;
+    bn="interpolate" uses the interpolated moving statistics. Returns {f"{name}_error",
+    f"{name}_loss": float64 array (len(alphas),)}. The model's weights are restored afterwards.
+    """
+    alphas = _alphas(alphas)
+    reestimate = _bn_mode(model, bn, bn_x)
+    if not eval_sets:
+        raise ValueError("path needs at least one eval set {name: (x, y)}; got none")
+    curves = {f"{name}_{kind}": np.empty(len(alphas)) for name in eval_sets for kind in ("error", "loss")}
+    with _preserved_weights(model):
+        for i, alpha in enumerate(alphas):
+            model.set_weights(interpolate(w_a, w_b, alpha))
+            if reestimate:
+                reestimate_batchnorm(model, bn_x, batch_size)
+            for name, (x, y) in eval_sets.items():
+                result = evaluate(model, None, x, y, batch_size)
+                curves[f"{name}_error"][i] = result["error"]
+                curves[f"{name}_loss"][i] = result["loss"]
+    return curves
+
+
+def barrier(curve):
+    """max_α curve(α) − ½ (curve(0) + curve(1)) (Frankle et al. 2020; METHODS.md §2).
+
+    The ends of `curve` must be the two endpoints. For a curve convex in α (e.g. the loss of a linear
+    model) this is ½|curve(0) − curve(1)| ≥ 0, and ≤ 0 only when the endpoints are equal.
+    """
+    curve = np.asarray(curve, np.float64)
+    if curve.ndim != 1 or curve.size < 2:
+        raise ValueError(f"barrier needs a 1-D curve with at least 2 points; got shape {curve.shape}")
+    return float(curve.max() - 0.5 * (curve[0] + curve[-1]))
+
+
+def disagreement(logits_a, logits_b):
+    """Fraction of examples on which the two networks' argmax predictions differ."""
+    logits_a, logits_b = _logit_pair(logits_a, logits_b)
+    return float(np.mean(logits_a.argmax(-1) != logits_b.argmax(-1)))
+
+
+def js_divergence(logits_a, logits_b):
+    """Mean over examples of the Jensen–Shannon divergence of the two softmax outputs, in nats
+    (natural log; 0 for identical outputs, at most ln 2). JS(p, q) = ½ KL(p‖m) + ½ KL(q‖m), m = (p+q)/2.
+    """
+    logits_a, logits_b = _logit_pair(logits_a, logits_b)
+    log_p, log_q = _log_softmax(logits_a), _log_softmax(logits_b)
+    log_m = np.logaddexp(log_p, log_q) - np.log(2.0)
+    kl_pm = np.sum(np.exp(log_p) * (log_p - log_m), axis=-1)
+    kl_qm = np.sum(np.exp(log_q) * (log_q - log_m), axis=-1)
+    return float(np.mean(0.5 * (kl_pm + kl_qm)))
+
+
+def weight_distances(w_a, w_b, mask, reference_norm=None):
+    """L2 distance, relative distance and cosine similarity of the trainable weights (mask True).
+
+    relative_weight_distance = ‖w_a − w_b‖ / reference_norm (METHODS: the parent's ‖w_T − w_0‖);
+    NaN when reference_norm is None. Computed in float64.
+    """
+    _check_pair(w_a, w_b)
+    if len(mask) != len(w_a):
+        raise ValueError(f"mask has {len(mask)} entries but the weight sets have {len(w_a)}")
+    a = _flat([w for w, keep in zip(w_a, mask) if keep])
+    b = _flat([w for w, keep in zip(w_b, mask) if keep])
+    if a.size == 0:
+        raise ValueError("mask selects no weights; it must mark at least one weight trainable")
+    distance = float(np.linalg.norm(a - b))
+    if reference_norm is not None and not reference_norm > 0:
+        raise ValueError(f"reference_norm must be positive or None; got {reference_norm}")
+    return dict(
+        weight_distance=distance,
+        relative_weight_distance=distance / reference_norm if reference_norm is not None else float("nan"),
+        cosine_similarity=float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))),
+    )
+
+
+def compare(model, w_a, w_b, *, x_test, y_test, x_train, y_train, alphas=None, bn="reestimate",
+            bn_x=None, reference_norm=None, batch_size=512):
+    """All landscape metrics between weight sets w_a and w_b → (scalars, curves).
+
+    alphas: increasing grid from 0 to 1 (default 11 points). bn_x: inputs for BN re-estimation
+    (default x_train). scalars: error_barrier, loss_barrier (test set), train_error_barrier,
+    train_loss_barrier, disagreement, js_divergence (test set, the two networks as given, with their own
+    BN statistics), weight_distance, relative_weight_distance, cosine_similarity. curves: test_error,
+    test_loss, train_error, train_loss along α, arrays (len(alphas),). Model weights are restored.
+    """
+    alphas = _alphas(np.linspace(0.0, 1.0, 11) if alphas is None else alphas)
+    if alphas[0] != 0.0 or alphas[-1] != 1.0:
+        raise ValueError(f"compare needs alphas from 0 to 1 (barriers use the endpoints); got {alphas}")
+    eval_sets = dict(test=(x_test, y_test), train=(x_train, y_train))
+    curves = path(model, w_a, w_b, alphas, eval_sets, bn=bn, bn_x=x_train if bn_x is None else bn_x,
+                  batch_size=batch_size)
+    with _preserved_weights(model):
+        logits_a = evaluate(model, w_a, x_test, y_test, batch_size)["logits"]
+        logits_b = evaluate(model, w_b, x_test, y_test, batch_size)["logits"]
+    scalars = dict(
+        error_barrier=barrier(curves["test_error"]),
+        loss_barrier=barrier(curves["test_loss"]),
+        train_error_barrier=barrier(curves["train_error"]),
+        train_loss_barrier=barrier(curves["train_loss"]),
+        disagreement=disagreement(logits_a, logits_b),
+        js_divergence=js_divergence(logits_a, logits_b),
+        **weight_distances(w_a, w_b, trainable_mask(model), reference_norm),
+    )
+    return scalars, curves
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+_PROBES = weakref.WeakKeyDictionary()
+
+
+def _bn_probes(model):
+    """[(bn_layer, sub-model from the model input to that layer's input)] in topological order, cached
+    per model so each sub-model's predict function is traced once."""
+    if model not in _PROBES:
+        bns = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+        if len(bns) != sum(isinstance(layer, keras.layers.BatchNormalization) for layer in model._flatten_layers()):
+            raise ValueError("reestimate_batchnorm supports BatchNormalization layers at the top level of a "
+                             "functional or Sequential model; this model nests them inside sub-models")
+        _PROBES[model] = [(layer, keras.Model(model.input, layer.input)) for layer in bns]
+    return _PROBES[model]
+
+
+def _channel_moments(probe, batches, axis):
+    """Mean and biased variance per channel (`axis`) of the probe's outputs over all batches (float64,
+    shifted by the first batch's mean for accuracy)."""
+    count, shift, total, total_sq = 0, None, 0.0, 0.0
+    for xb in batches:
+        out = np.moveaxis(_predict(probe, xb), axis, -1)
+        out = out.reshape(-1, out.shape[-1])
+        shift = out.mean(0) if shift is None else shift
+        centred = out - shift
+        count, total, total_sq = count + len(out), total + centred.sum(0), total_sq + (centred**2).sum(0)
+    mean = total / count
+    return shift + mean, np.maximum(total_sq / count - mean**2, 0.0)
+
+
+@contextlib.contextmanager
+def _preserved_weights(model):
+    """Restore the model's weights on exit."""
+    saved = model.get_weights()
+    try:
+        yield
+    finally:
+        model.set_weights(saved)
+
+
+def _bn_mode(model, bn, bn_x):
+    """Validate `bn`; True when BN statistics must be re-estimated (mode 'reestimate' and BN present)."""
+    if bn not in BN_MODES:
+        raise ValueError(f"bn must be one of {BN_MODES}; got {bn!r}")
+    reestimate = bn == "reestimate" and has_batchnorm(model)
+    if reestimate and bn_x is None:
+        raise ValueError("bn='reestimate' on a model with BatchNormalization needs bn_x (training inputs)")
+    return reestimate
+
+
+def _predict(model, xb):
+    """float64 outputs of `model` on one batch, inference mode."""
+    return np.asarray(model.predict_on_batch(xb), np.float64)
+
+
+def _batches(x, batch_size):
+    """Consecutive slices of `x` of at most `batch_size` examples."""
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size must be a positive integer; got {batch_size}")
+    if len(x) == 0:
+        raise ValueError("cannot evaluate on an empty input array")
+    return (x[i:i + int(batch_size)] for i in range(0, len(x), int(batch_size)))
+
+
+def _alphas(alphas):
+    """Validate an interpolation grid: 1-D, non-empty, finite."""
+    alphas = np.asarray(alphas, np.float64)
+    if alphas.ndim != 1 or alphas.size < 1 or not np.all(np.isfinite(alphas)):
+        raise ValueError(f"alphas must be a non-empty 1-D array of finite values; got {alphas}")
+    return alphas
+
+
+def _labels(y, n):
+    """Integer class labels of shape (n,)."""
+    y = np.asarray(y)
+    if y.shape != (n,) or not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(f"y must be integer class labels of shape ({n},); got dtype {y.dtype}, shape {y.shape}")
+    return y
+
+
+def _log_softmax(logits):
+    shifted = logits - logits.max(-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+
+
+def _cross_entropy(logits, y):
+    return float(-np.mean(_log_softmax(logits)[np.arange(len(y)), y]))
+
+
+def _error(logits, y):
+    return float(np.mean(logits.argmax(-1) != y))
+
+
+def _logit_pair(logits_a, logits_b):
+    logits_a, logits_b = np.asarray(logits_a, np.float64), np.asarray(logits_b, np.float64)
+    if logits_a.shape != logits_b.shape or logits_a.ndim != 2:
+        raise ValueError(f"logits must be two (N, classes) arrays of one shape; got {logits_a.shape}, {logits_b.shape}")
+    return logits_a, logits_b
+
+
+def _check_pair(w_a, w_b):
+    """Two weight sets of matching length and shapes."""
+    if len(w_a) != len(w_b):
+        raise ValueError(f"weight sets differ in length: {len(w_a)} vs {len(w_b)} arrays")
+    for i, (a, b) in enumerate(zip(w_a, w_b)):
+        if np.shape(a) != np.shape(b):
+            raise ValueError(f"weight {i} has shape {np.shape(a)} in w_a but {np.shape(b)} in w_b")
+
+
+def _flat(weights):
+    return np.concatenate([np.ravel(np.asarray(w, np.float64)) for w in weights]) if weights else np.zeros(0)
