@@ -1,0 +1,93 @@
+"""Config loading, overrides, durations and validation messages."""
+
+import json
+
+import pytest
+
+from kerasntk import config as cfg
+
+
+def test_default_is_the_embedded_mnist1d_experiment():
+    c = cfg.load()
+    assert (c.data.name, c.model.name, c.train.length, c.train.batch_size) == ("mnist1d", "cnn1d", "30ep", 64)
+    assert c.spawn.children == 3 and c.spawn.times[0] == 0
+
+
+def test_overrides_are_typed_and_nested(tmp_path):
+    c = cfg.load(None, ["train.lr=0.05", "spawn.times=[0, 1]", "model.options.width=2", "data.data_dir=null"])
+    assert c.train.lr == 0.05 and c.spawn.times == [0, 1] and c.model.options == {"width": 2}
+    assert c.data.data_dir is None
+
+
+def test_json_and_yaml_files_load_the_same(tmp_path):
+    raw = {"train": {"length": "2ep", "lr": 0.2}, "model": {"name": "mlp"}}
+    (tmp_path / "c.json").write_text(json.dumps(raw))
+    (tmp_path / "c.yaml").write_text("train: {length: 2ep, lr: 0.2}\nmodel: {name: mlp}\n")
+    assert cfg.load(tmp_path / "c.json") == cfg.load(tmp_path / "c.yaml")
+
+
+def test_the_paper_config_validates():
+    c = cfg.load("configs/cifar10_resnet20.yaml")
+    assert (c.data.name, c.model.name, c.model.options["batchnorm"]) == ("cifar10", "resnet20", True)
+
+
+def test_digest_names_equal_configs_alike():
+    assert cfg.load().run_name() == cfg.load().run_name()
+    assert cfg.load().run_name() != cfg.load(None, ["train.seed=1"]).run_name()
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("30ep", cfg.Duration(30.0, "ep")), ("500it", cfg.Duration(500.0, "it")), (0.25, cfg.Duration(0.25, "ep")),
+    ("1.5e1ep", cfg.Duration(15.0, "ep")), (3, cfg.Duration(3.0, "ep")),
+])
+def test_durations_parse(text, expected):
+    assert cfg.parse_duration(text) == expected
+
+
+def test_duration_steps():
+    assert cfg.parse_duration("0.5ep").steps(62) == 31
+    assert cfg.parse_duration("7it").steps(62) == 7
+
+
+@pytest.mark.parametrize("overrides, field, allowed", [
+    (["data.name=imagenet"], "data.name", "mnist1d, cifar10"),
+    (["model.name=vgg"], "model.name", "cnn1d, cnn, mlp"),
+    (["train.length=0"], "train.length", "a duration > 0"),
+    (["train.length=-3"], "train.length", ">= 0"),
+    (["train.length=30 epochs"], "train.length", "'30ep'"),
+    (["train.length=2.5it"], "train.length", "whole number of steps"),
+    (["train.batch_size=0"], "train.batch_size", "an integer > 0"),
+    (["train.batch_size=-64"], "train.batch_size", "an integer > 0"),
+    (["train.lr=0"], "train.lr", "a number > 0"),
+    (["train.momentum=1.5"], "train.momentum", "[0, 1)"),
+    (["train.schedule=linear"], "train.schedule", "constant, cosine, step"),
+    (["spawn.times=[0, soon]"], "spawn.times[1]", "a number of epochs"),
+    (["spawn.children=0"], "spawn.children", "an integer >= 1"),
+    (["landscape.bn=ignore"], "landscape.bn", "reestimate, interpolate"),
+    (["data.name=npz"], "data.path", "a path to an .npz file"),
+    (["train.colour=red"], "train.colour", "allowed: length, batch_size"),
+])
+def test_errors_name_field_value_and_what_is_allowed(overrides, field, allowed):
+    with pytest.raises(cfg.ConfigError) as err:
+        cfg.load(None, overrides)
+    assert field in str(err.value) and allowed in str(err.value)
+
+
+def test_errors_that_need_the_data_and_the_strategy():
+    c = cfg.load(None, ["checkpoints.times=[40]"])
+    with pytest.raises(cfg.ConfigError, match=r"checkpoints.times\[0\].*within training"):
+        cfg.validate_against(c, steps_per_epoch=62, num_replicas=1)
+    c = cfg.load(None, ["train.batch_size=63"])
+    with pytest.raises(cfg.ConfigError, match="train.batch_size.*multiple of the 2 replicas"):
+        cfg.validate_against(c, steps_per_epoch=62, num_replicas=2)
+    assert cfg.validate_against(cfg.load(), steps_per_epoch=62, num_replicas=2) == 30 * 62
+
+
+def test_bad_override_syntax_and_missing_file(tmp_path):
+    with pytest.raises(cfg.ConfigError, match="section.field=value"):
+        cfg.load(None, ["train.lr"])
+    with pytest.raises(cfg.ConfigError, match="does not exist"):
+        cfg.load(tmp_path / "nope.yaml")
+    (tmp_path / "bad.yaml").write_text("train: [unclosed\n")
+    with pytest.raises(cfg.ConfigError, match="not valid"):
+        cfg.load(tmp_path / "bad.yaml")

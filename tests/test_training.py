@@ -1,0 +1,195 @@
+"""The trainer: schedules, the checkpoint grid, determinism, resume after SIGKILL, distribution, XLA."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from kerasntk import config as cfg
+from kerasntk import data, models, training
+
+
+def synthetic_arrays(n_train=256, n_test=100, shape=(40, 1), classes=10, seed=0):
+    """A small learnable problem: class-dependent means plus noise."""
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(classes,) + shape).astype(np.float32)
+
+    def split(n):
+        y = rng.integers(0, classes, n).astype(np.int32)
+        return centers[y] + 0.5 * rng.normal(size=(n,) + shape).astype(np.float32), y
+
+    (x_train, y_train), (x_test, y_test) = split(n_train), split(n_test)
+    return data.Arrays(x_train, y_train, x_test, y_test, name="synthetic", num_classes=classes, augment=None)
+
+
+def tiny_config(*overrides):
+    base = ["train.length=3ep", "train.batch_size=32", "train.steps_per_execution=5", "train.eval_batch_size=64",
+            "checkpoints.log_num=0", "checkpoints.every=null", "spawn.times=[0, 0.5]", "ntk.probe_size=20"]
+    return cfg.load(None, base + list(overrides))
+
+
+def final_weights(trainer):
+    return [w.copy() for w in trainer.model.get_weights()]
+
+
+# -- schedules and grid -------------------------------------------------------------------------------------
+
+def test_cosine_schedule_with_warmup():
+    s = training.Schedule(0.1, 100, "cosine", warmup_steps=10)
+    lrs = np.array([float(s(i)) for i in range(101)])
+    np.testing.assert_allclose(lrs[:10], 0.1 * np.arange(1, 11) / 10, rtol=1e-6)  # linear warmup
+    np.testing.assert_allclose(lrs[10:], 0.05 * (1 + np.cos(np.pi * np.arange(91) / 90)), rtol=1e-5, atol=1e-8)
+    assert lrs[-1] == pytest.approx(0.0, abs=1e-8)
+
+
+def test_step_and_constant_schedules():
+    s = training.Schedule(0.1, 100, "step", milestones=(50, 75), gamma=0.1)
+    np.testing.assert_allclose([float(s(i)) for i in (0, 49, 50, 74, 75, 99)], [0.1, 0.1, 0.01, 0.01, 0.001, 0.001],
+                               rtol=1e-6)
+    assert float(training.Schedule(0.3, 100, "constant")(57)) == pytest.approx(0.3)
+
+
+def test_checkpoint_grid_has_ends_explicit_log_and_periodic_times():
+    c = cfg.load(None, ["train.length=10ep", "checkpoints.times=[0.3]", "checkpoints.log_start=0.1",
+                        "checkpoints.log_stop=1", "checkpoints.log_num=3", "checkpoints.every=5ep",
+                        "spawn.times=[2it]"])
+    assert training.checkpoint_steps(c, steps_per_epoch=100) == [0, 2, 10, 30, 32, 100, 500, 1000]
+
+
+# -- training -----------------------------------------------------------------------------------------------
+
+def test_training_learns_and_logs_every_epoch(tmp_path):
+    trainer = training.Trainer(tiny_config(), str(tmp_path), arrays=synthetic_arrays())
+    trainer.restore()
+    history = trainer.train(save_steps=[0, 4, trainer.total_steps], verbose=0)
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert history[-1]["test_error"] < 0.5 < history[0]["train_error"] + 0.5  # far better than chance (0.9)
+    assert training.saved_checkpoints(str(tmp_path)) == [0, 4, trainer.total_steps]
+
+
+def test_same_seed_gives_bitwise_identical_weights(tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        trainer = training.Trainer(tiny_config(), str(tmp_path / name), arrays=synthetic_arrays())
+        trainer.restore()
+        trainer.train(verbose=0)
+        runs.append(final_weights(trainer))
+    assert all(np.array_equal(a, b) for a, b in zip(*runs))
+    other = training.Trainer(tiny_config("train.data_seed=1"), str(tmp_path / "c"), arrays=synthetic_arrays())
+    other.restore()
+    other.train(verbose=0)
+    assert not all(np.array_equal(a, b) for a, b in zip(runs[0], final_weights(other)))
+
+
+def test_child_inherits_weights_optimizer_slots_and_step(tmp_path):
+    parent = training.Trainer(tiny_config(), str(tmp_path / "p"), arrays=synthetic_arrays())
+    parent.restore()
+    parent.train(until=12, save_steps=[12], verbose=0)
+    child = training.Trainer(tiny_config(), str(tmp_path / "c"), arrays=synthetic_arrays(), data_seed=7)
+    child.restore(start_from=training.checkpoint_dir(str(tmp_path / "p"), 12))
+    assert child.step == 12
+    assert all(np.array_equal(a, b) for a, b in zip(parent.model.get_weights(), child.model.get_weights()))
+    assert all(np.array_equal(a.numpy(), b.numpy()) for a, b in zip(parent.optimizer.variables, child.optimizer.variables))
+    assert any(np.abs(m.numpy()).max() > 0 for m in child.optimizer.momentums)
+    reset = training.Trainer(tiny_config(), str(tmp_path / "r"), arrays=synthetic_arrays())
+    reset.restore(start_from=training.checkpoint_dir(str(tmp_path / "p"), 12), reset_momentum=True)
+    assert all(np.abs(m.numpy()).max() == 0 for m in reset.optimizer.momentums)
+
+
+def test_mirrored_strategy_matches_one_device(tmp_path):
+    """2 logical CPUs vs 1 device after 10 steps (no BatchNorm: per-replica batch statistics would differ).
+
+    Tolerance: the two runs differ only in the order of float32 sums (per-replica gradient sums are
+    all-reduced); after 10 steps that is a few ulps of weights of size ~0.1-1, so atol 1e-5 is ample.
+    """
+    arrays = synthetic_arrays()
+    config = tiny_config("train.length=10it", "spawn.times=[]")
+    single = training.Trainer(config, str(tmp_path / "one"), arrays=arrays)
+    single.restore()
+    single.train(verbose=0)
+    mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    multi = training.Trainer(config, str(tmp_path / "two"), arrays=arrays, strategy=mirrored)
+    multi.restore()
+    multi.train(verbose=0)
+    assert multi.step == single.step == 10
+    for a, b in zip(final_weights(single), final_weights(multi)):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+    assert single.history[-1]["test_error"] == pytest.approx(multi.history[-1]["test_error"], abs=1e-6)
+
+
+def test_batch_size_the_replicas_cannot_split(tmp_path):
+    mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    with pytest.raises(cfg.ConfigError, match="multiple of the 2 replicas"):
+        training.Trainer(tiny_config("train.batch_size=33"), str(tmp_path), arrays=synthetic_arrays(),
+                         strategy=mirrored)
+
+
+ZOO = [("cnn1d", (16, 1), {}), ("cnn", (8, 8, 3), {"channels": 4}), ("mlp", (12,), {"hidden": [16, 16]}),
+       ("resnet20", (8, 8, 3), {"width": 1}), ("resnet20", (8, 8, 3), {"batchnorm": False}),
+       ("wide_resnet", (8, 8, 3), {"depth": 10, "width": 1})]
+
+
+@pytest.mark.parametrize("name, shape, options", ZOO, ids=[f"{z[0]}-{i}" for i, z in enumerate(ZOO)])
+def test_train_step_compiles_with_xla_for_every_zoo_model(tmp_path, name, shape, options):
+    """jit_compile=True is our proxy for TPU readiness: static shapes, no Python side effects in the step."""
+    config = tiny_config(f"model.name={name}", "train.length=2it", "train.batch_size=8", "spawn.times=[]",
+                         f"model.options={options!r}".replace("'", '"'))
+    trainer = training.Trainer(config, str(tmp_path), arrays=synthetic_arrays(32, 16, shape, 4))
+    trainer.restore()
+    before = final_weights(trainer)
+    trainer.train(verbose=0)
+    assert trainer.step == 2 and not all(np.array_equal(a, b) for a, b in zip(before, final_weights(trainer)))
+    x, y = next(iter(data.train_batches(trainer.arrays, batch_size=8, epoch=0, order_seed=0, augment_seed=0)))
+    assert "HloModule" in trainer.replica_step.experimental_get_compiler_ir(x, y)(stage="hlo")
+    assert trainer._run_chunk.experimental_get_tracing_count() == 1  # one trace serves every chunk and epoch
+
+
+# -- resume after SIGKILL -----------------------------------------------------------------------------------
+
+def _train_cli(out, npz, *extra):
+    return [sys.executable, "-m", "kerasntk.cli", "-q", "train", "--out", str(out), "--set", "data.name=npz",
+            "--set", f"data.path={npz}", "--set", "train.length=4ep", "--set", "train.batch_size=16",
+            "--set", "train.steps_per_execution=1", "--set", "checkpoints.log_num=0",
+            "--set", "checkpoints.every=null", "--set", "checkpoints.times=[1.5, 2.5, 3.5]",
+            "--set", "spawn.times=[]", *extra]
+
+
+def _checkpoint_weights(job_dir, step):
+    reader = tf.train.load_checkpoint(os.path.join(training.checkpoint_dir(job_dir, step), "ckpt"))
+    names = sorted(n for n in reader.get_variable_to_shape_map() if n.startswith("model/"))
+    return {n: reader.get_tensor(n) for n in names}
+
+
+def test_sigkill_mid_epoch_then_restart_is_bitwise_identical(tmp_path):
+    arrays = synthetic_arrays(n_train=800)
+    npz = tmp_path / "d.npz"
+    np.savez(npz, x_train=arrays.x_train, y_train=arrays.y_train, x_test=arrays.x_test, y_test=arrays.y_test)
+    steps_per_epoch = 50
+    clean, killed = tmp_path / "clean", tmp_path / "killed"
+    subprocess.run(_train_cli(clean, npz), check=True, timeout=600)
+    proc = subprocess.Popen(_train_cli(killed, npz))
+    mid_epoch = training.checkpoint_dir(str(killed / "parent"), int(1.5 * steps_per_epoch))
+    deadline = time.time() + 300
+    while not os.path.exists(os.path.join(mid_epoch, "meta.json")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    final = training.checkpoint_dir(str(killed / "parent"), 4 * steps_per_epoch)
+    assert not os.path.exists(final), "the run finished before it could be killed; the test proves nothing"
+    subprocess.run(_train_cli(killed, npz), check=True, timeout=600)
+    a = _checkpoint_weights(str(clean / "parent"), 4 * steps_per_epoch)
+    b = _checkpoint_weights(str(killed / "parent"), 4 * steps_per_epoch)
+    assert a.keys() == b.keys() and len(a) > 0
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_cli_reports_config_errors_without_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "kerasntk.cli", "train", "--out", str(tmp_path),
+                             "--set", "train.batch_size=0"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert "train.batch_size" in result.stderr and "Traceback" not in result.stderr
