@@ -1,0 +1,442 @@
+"""The results schema (DESIGN.md "Results schema"): xarray Datasets per job, atomic NetCDF writes,
+merging job files into one Dataset, and the correlation of metrics across spawn time.
+
+Stacked variables `parent(time, metric)`, `child(time, spawn, metric)`, `pair(time, child_pair, metric)` and
+`path(time, child_pair, alpha, metric)` hold metrics of different units; each metric's description and units
+are the coordinates `metric_long_name(metric)` and `metric_units(metric)`. Missing values are NaN.
+The pair dimension is called `child_pair` (coordinates spawn_a, spawn_b): xarray cannot give a dimension
+and a multi-dimensional variable (`pair`) the same name.
+"""
+
+import contextlib
+import datetime
+import glob
+import importlib.metadata
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+import xarray as xr
+
+log = logging.getLogger(__name__)
+
+ENGINE = "netcdf4"
+
+# name -> (long_name, units); "1" when dimensionless (errors, losses in nats, distances of weights).
+# Extend this dict to record metrics of your own.
+METRICS = {
+    "test_error": ("0-1 error on the test set", "1"),
+    "test_loss": ("mean cross-entropy on the test set (nats)", "1"),
+    "train_error": ("0-1 error on the training set", "1"),
+    "train_loss": ("mean cross-entropy on the training set (nats)", "1"),
+    "learning_rate": ("learning rate of the optimizer", "1"),
+    "kernel_velocity": ("NTK velocity S(K_t, K_t+dt) / dt", "epoch-1"),
+    "kernel_velocity_per_lr": ("NTK velocity divided by the learning rate", "epoch-1"),
+    "kernel_distance_from_init": ("NTK distance S(K_0, K_t) from the initial kernel", "1"),
+    "kernel_distance_to_final": ("NTK distance S(K_t, K_T) to the final kernel", "1"),
+    "kernel_alignment": ("centred kernel-target alignment of the NTK", "1"),
+    "kernel_alignment_uncentered": ("uncentred kernel-target alignment of the NTK", "1"),
+    "kernel_top_eigenvalue": ("largest eigenvalue of the NTK on the probe set", "1"),
+    "kernel_effective_rank": ("effective rank of the NTK on the probe set", "1"),
+    "weight_distance_from_init": ("L2 distance of the trainable weights from initialization", "1"),
+    "relative_weight_distance_from_init": ("weight distance from init over the parent's |w_T - w_0|", "1"),
+    "linearized_test_error": ("test error of the network linearized at time t, trained on the train set", "1"),
+    "linearized_test_loss": ("test cross-entropy of the network linearized at time t (nats)", "1"),
+    "linearized_val_selected_test_error": ("linearized network test error at the validation-best epoch", "1"),
+    "kernel_regression_test_error": ("test error of kernel regression with the NTK (proxy)", "1"),
+    "error_barrier": ("test-error barrier: max over the linear path minus the endpoint mean", "1"),
+    "loss_barrier": ("test-loss barrier: max over the linear path minus the endpoint mean (nats)", "1"),
+    "train_error_barrier": ("train-error barrier along the linear path", "1"),
+    "train_loss_barrier": ("train-loss barrier along the linear path (nats)", "1"),
+    "disagreement": ("fraction of test inputs whose predicted classes differ", "1"),
+    "js_divergence": ("mean Jensen-Shannon divergence of the softmax outputs on the test set (nats)", "1"),
+    "weight_distance": ("L2 distance between the trainable weights", "1"),
+    "relative_weight_distance": ("weight distance over the parent's |w_T - w_0|", "1"),
+    "cosine_similarity": ("cosine similarity of the trainable weights", "1"),
+    "kernel_distance": ("distance S(K, K') between the final NTKs", "1"),
+    **{f"{name}_to_parent": (f"{text}, child vs the parent's final weights", "1") for name, text in (
+        ("error_barrier", "test-error barrier"), ("loss_barrier", "test-loss barrier (nats)"),
+        ("train_error_barrier", "train-error barrier"), ("train_loss_barrier", "train-loss barrier (nats)"),
+        ("disagreement", "test disagreement"), ("js_divergence", "mean Jensen-Shannon divergence (nats)"),
+        ("weight_distance", "L2 weight distance"), ("relative_weight_distance", "relative weight distance"),
+        ("cosine_similarity", "cosine similarity of weights"), ("kernel_distance", "NTK distance"))},
+}
+
+_VARIABLES = {
+    "parent": "metrics of the parent network at time t",
+    "child": "end-of-training metrics of child `spawn` spawned from the parent at time t",
+    "pair": "metrics between children spawn_a and spawn_b spawned at time t",
+    "path": "metrics along the linear path from child spawn_a (alpha=0) to child spawn_b (alpha=1)",
+    "kernel_distance": "NTK distance S(K_t, K_t') = 1 - <K_t, K_t'>_F / (|K_t|_F |K_t'|_F) of the parent",
+    "correlation": "rank correlation across spawn time of the per-time summaries of two metrics",
+}
+
+_COORDS = {
+    "time": ("time on the parent's training clock (children: the time they were spawned at)", "epoch"),
+    "time_b": ("second time on the parent's training clock", "epoch"),
+    "step": ("parent optimizer step at time", "1"),
+    "spawn": ("child index within one spawn time", "1"),
+    "child_pair": ("child pair index b(b-1)/2 + a of the unordered pair a < b", "1"),
+    "spawn_a": ("first child of the pair (alpha = 0)", "1"),
+    "spawn_b": ("second child of the pair (alpha = 1)", "1"),
+    "alpha": ("interpolation coefficient: w = (1 - alpha) w_a + alpha w_b", "1"),
+    "metric": ("metric name", None),
+    "metric_b": ("second metric name", None),
+    "metric_long_name": ("description of the metric", None),
+    "metric_units": ("units of the metric", None),
+}
+
+# non-index coordinates carried along one dimension, re-attached after merging
+_LABELS = {"step": "time", "spawn_a": "child_pair", "spawn_b": "child_pair", "metric_long_name": "metric",
+           "metric_units": "metric"}
+
+# where a metric's per-spawn-time summary comes from, first match wins (names shared between variables,
+# e.g. test_error in child and parent, take the children's value)
+_SUMMARY_SOURCES = (("pair", "child_pair"), ("child", "spawn"), ("parent", None))
+
+
+# --- building job datasets ---------------------------------------------------------------------------
+
+
+def parent_dataset(steps, times, metrics, kernel_distance=None, attrs=None):
+    """The parent's trajectory: `parent(time, metric)` from {name: array (T,)}, and optionally the
+    S(t, t') matrix `kernel_distance(time, time_b)` (T, T)."""
+    times, steps = _time_axis(times, steps)
+    names = _metric_names(metrics)
+    data = np.stack([_array(metrics[name], (len(times),), name) for name in names], axis=-1)
+    ds = xr.Dataset({"parent": (("time", "metric"), data)}, coords=_metric_coords(names))
+    ds = ds.assign_coords(time=times, step=("time", steps))
+    if kernel_distance is not None:
+        ds["kernel_distance"] = (("time", "time_b"), _array(kernel_distance, (len(times),) * 2, "kernel_distance"))
+        ds = ds.assign_coords(time_b=times)
+    return _finish(ds, attrs)
+
+
+def child_dataset(step, time, spawn, metrics, attrs=None):
+    """One child's outcome: `child(time=1, spawn=1, metric)` from {name: float}."""
+    names = _metric_names(metrics)
+    data = np.array([[[_scalar(metrics[name], name) for name in names]]])
+    ds = xr.Dataset({"child": (("time", "spawn", "metric"), data)}, coords=_metric_coords(names))
+    ds = ds.assign_coords(time=[float(time)], step=("time", [int(step)]), spawn=[_index(spawn, "spawn")])
+    return _finish(ds, attrs)
+
+
+def pair_dataset(step, time, pairs, metrics, alphas, curves, attrs=None):
+    """All child pairs of one spawn time: `pair(time=1, child_pair, metric)` from {name: array (P,)} and
+    `path(time=1, child_pair, alpha, metric)` from {name: array (P, A)}, P = len(pairs) pairs (a, b), a < b."""
+    index = [_pair_index(a, b) for a, b in pairs]
+    if len(set(index)) != len(index) or not index:
+        raise ValueError(f"pairs must be a non-empty list of distinct (a, b) with a < b; got {pairs}")
+    order = np.argsort(index)
+    alphas = np.asarray(alphas, np.float64)
+    if alphas.ndim != 1:
+        raise ValueError(f"alphas must be 1-D; got shape {alphas.shape}")
+    names = _metric_names({**metrics, **curves})
+    pair = np.full((1, len(pairs), len(names)), np.nan)
+    path = np.full((1, len(pairs), len(alphas), len(names)), np.nan)
+    for m, name in enumerate(names):
+        if name in metrics:
+            pair[0, :, m] = _array(metrics[name], (len(pairs),), name)[order]
+        if name in curves:
+            path[0, :, :, m] = _array(curves[name], (len(pairs), len(alphas)), name)[order]
+    variables = dict(pair=(("time", "child_pair", "metric"), pair),
+                     path=(("time", "child_pair", "alpha", "metric"), path))
+    ds = xr.Dataset({name: variables[name] for name, given in (("pair", metrics), ("path", curves)) if given},
+                    coords=_metric_coords(names))
+    ds = ds.assign_coords(time=[float(time)], step=("time", [int(step)]), child_pair=np.sort(index),
+                          alpha=alphas, spawn_a=("child_pair", [int(pairs[i][0]) for i in order]),
+                          spawn_b=("child_pair", [int(pairs[i][1]) for i in order]))
+    return _finish(ds, attrs)
+
+
+def job_path(run_dir, kind, step=None, child=None):
+    """Path of a job file in RUN_DIR/results: parent.nc, child_s{step:08d}_c{child}.nc, pair_s{step:08d}.nc."""
+    names = dict(parent=lambda: "parent.nc", child=lambda: f"child_s{int(step):08d}_c{int(child)}.nc",
+                 pair=lambda: f"pair_s{int(step):08d}.nc")
+    if kind not in names:
+        raise ValueError(f"job kind must be one of {sorted(names)}; got {kind!r}")
+    return os.path.join(os.fspath(run_dir), "results", names[kind]())
+
+
+# --- writing and reading -----------------------------------------------------------------------------
+
+
+def write_atomic(ds, path):
+    """Write `ds` as NetCDF4 to `path` so that `path` is never half-written: the data goes to a hidden
+    temporary file in the same directory, is fsync'ed, and replaces `path` in one rename."""
+    path = os.path.abspath(os.fspath(path))
+    directory = os.path.dirname(path)
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    os.close(fd)
+    try:
+        ds.to_netcdf(tmp, engine=ENGINE, encoding=_encoding(ds))
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+    _fsync_dir(directory)
+
+
+def merge(paths_or_run_dir):
+    """One Dataset from job files (a run directory, whose results/*.nc are read, or a list of paths):
+    outer join on every dimension with NaN where a job is missing, global attributes from parent.nc,
+    plus `correlation(metric, metric_b)` (Spearman)."""
+    paths = _job_paths(paths_or_run_dir)
+    datasets = [xr.load_dataset(p, engine=ENGINE) for p in paths]
+    datasets, labels = _pop_labels(datasets)
+    merged = xr.merge(datasets, compat="no_conflicts", join="outer", fill_value=np.nan, combine_attrs="override")
+    merged = merged.assign_coords({name: (dim, [labels[name][v] for v in merged[dim].values])
+                                   for name, dim in _LABELS.items() if dim in merged.dims})
+    _warn_orphan_times(datasets, merged)
+    if "time" in merged.coords and ("child" in merged or "pair" in merged):
+        merged["correlation"] = correlation(merged)
+    return _finish(merged, None)
+
+
+def open_run(run_dir_or_file):
+    """The merged results of a run: a merged NetCDF file (e.g. RUN_DIR/results.nc) is loaded as is, a run
+    directory is merged from RUN_DIR/results/*.nc."""
+    path = os.fspath(run_dir_or_file)
+    return xr.load_dataset(path, engine=ENGINE) if os.path.isfile(path) else merge(path)
+
+
+# --- analysis ----------------------------------------------------------------------------------------
+
+
+def correlation(ds, method="spearman"):
+    """Correlation (method 'spearman' or 'pearson') across spawn time of per-time summaries of every
+    metric: pair metrics averaged over pairs, child metrics over children, parent metrics as they are
+    (a name in several variables uses the first of pair, child, parent). Only spawn times (times with any
+    child or pair value) count; each pair of metrics uses the times where both are finite, and needs at
+    least 3 of them (else NaN). Ranks are computed with numpy (ties averaged, as scipy's rankdata)."""
+    if method not in ("spearman", "pearson"):
+        raise ValueError(f"method must be 'spearman' or 'pearson'; got {method!r}")
+    names = [str(m) for m in ds["metric"].values]
+    summaries = _summaries(ds, names)
+    matrix = np.array([[_correlate(summaries[a], summaries[b], method) for b in names] for a in names])
+    return xr.DataArray(matrix, dims=("metric", "metric_b"), coords=dict(metric=ds["metric"].values, metric_b=names),
+                        attrs=dict(method=method, long_name=f"{method.capitalize()} correlation across spawn time",
+                                   units="1"))
+
+
+def global_attrs(config_dict, seeds):
+    """CF-style global attributes: conventions, title, source, history, references, the config as JSON,
+    the seeds as JSON, package versions and the git commit of the kerasntk source (or 'unknown')."""
+    from kerasntk import __version__
+
+    if hasattr(config_dict, "__dataclass_fields__"):
+        import dataclasses
+
+        config_dict = dataclasses.asdict(config_dict)
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return dict(
+        Conventions="CF-1.8",
+        title="Deep learning versus kernel learning: NTK evolution and loss-landscape barriers (kerasntk)",
+        source=f"kerasntk {__version__}",
+        history=f"{now} created by kerasntk {__version__}: {' '.join(sys.argv)}",
+        references="Fort et al., Deep learning versus kernel learning, NeurIPS 2020, arXiv:2010.15110",
+        config=json.dumps(config_dict, sort_keys=True, default=str),
+        seeds=json.dumps(seeds, sort_keys=True, default=str),
+        git_commit=_git_commit(),
+        python_version=platform.python_version(),
+        **{f"{name}_version": _package_version(*dists) for name, dists in (
+            ("numpy", ("numpy",)), ("tensorflow", ("tensorflow", "tensorflow-cpu", "tensorflow-tpu")),
+            ("keras", ("keras",)), ("xarray", ("xarray",)), ("netcdf4", ("netCDF4", "netcdf4")))},
+    )
+
+
+# --- helpers -----------------------------------------------------------------------------------------
+
+
+def _metric_names(metrics):
+    """Metric names in the given order, each known to METRICS."""
+    unknown = [name for name in metrics if name not in METRICS]
+    if unknown:
+        raise ValueError(f"unknown metric(s) {unknown}; known: {sorted(METRICS)} "
+                         "(add new ones to kerasntk.results.METRICS as name: (long_name, units))")
+    if not metrics:
+        raise ValueError("metrics must name at least one metric")
+    return list(metrics)
+
+
+def _metric_coords(names):
+    return dict(metric=np.array(names, dtype=object),
+                metric_long_name=("metric", np.array([METRICS[n][0] for n in names], dtype=object)),
+                metric_units=("metric", np.array([METRICS[n][1] for n in names], dtype=object)))
+
+
+def _time_axis(times, steps):
+    times = np.asarray(times, np.float64)
+    steps = np.asarray(steps)
+    if times.ndim != 1 or times.shape != steps.shape or len(np.unique(times)) != len(times):
+        raise ValueError(f"times and steps must be 1-D of one length with distinct times; got {times}, {steps}")
+    if not np.issubdtype(steps.dtype, np.integer):
+        raise ValueError(f"steps must be integers; got dtype {steps.dtype}")
+    return times, steps.astype(np.int64)
+
+
+def _array(values, shape, name):
+    values = np.asarray(values, np.float64)
+    if values.shape != shape:
+        raise ValueError(f"{name} must have shape {shape}; got {values.shape}")
+    return values
+
+
+def _scalar(value, name):
+    return float(_array(value, (), name))
+
+
+def _index(value, name):
+    if int(value) != value or value < 0:
+        raise ValueError(f"{name} must be a non-negative integer; got {value}")
+    return int(value)
+
+
+def _pair_index(a, b):
+    """Position of the unordered pair a < b in colex order (0,1), (0,2), (1,2), (0,3), ...; independent of
+    the number of children, so pair indices agree across spawn times."""
+    a, b = _index(a, "spawn_a"), _index(b, "spawn_b")
+    if not a < b:
+        raise ValueError(f"a child pair (a, b) needs a < b; got ({a}, {b})")
+    return b * (b - 1) // 2 + a
+
+
+def _finish(ds, attrs):
+    """Set long_name/units on every variable and coordinate and the global attributes."""
+    for name, long_name in _VARIABLES.items():
+        if name in ds:
+            ds[name].attrs.update(long_name=long_name, units=_stacked_units(ds, name))
+    for name, (long_name, units) in _COORDS.items():
+        if name in ds.coords:
+            ds[name].attrs.update(dict(long_name=long_name, units=units) if units else dict(long_name=long_name))
+    if attrs:
+        ds.attrs.update(attrs)
+    return ds
+
+
+def _stacked_units(ds, name):
+    """The single unit of the metrics a stacked variable holds, or a pointer to metric_units."""
+    if "metric" not in ds[name].dims:
+        return "1"
+    present = ds[name].notnull().any([d for d in ds[name].dims if d != "metric"]).values
+    units = set(ds["metric_units"].values[present])
+    return units.pop() if len(units) == 1 else "1" if not units else "mixed: per metric in metric_units"
+
+
+def _encoding(ds):
+    return {name: dict(zlib=True, complevel=4) for name, var in ds.data_vars.items() if var.dtype.kind == "f"}
+
+
+def _fsync_dir(directory):
+    """Persist a rename (no-op where directories cannot be opened, e.g. Windows)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _job_paths(paths_or_run_dir):
+    """Job files to merge, parent.nc first (its attributes become the run's)."""
+    if isinstance(paths_or_run_dir, (str, os.PathLike)):
+        paths = sorted(glob.glob(os.path.join(os.fspath(paths_or_run_dir), "results", "*.nc")))
+        where = f"{os.fspath(paths_or_run_dir)}/results/*.nc"
+    else:
+        paths, where = [os.fspath(p) for p in paths_or_run_dir], "the given list"
+    if not paths:
+        raise ValueError(f"no result files to merge in {where}")
+    return sorted(paths, key=lambda p: os.path.basename(p) != "parent.nc")
+
+
+def _pop_labels(datasets):
+    """Remove the non-index coordinates of _LABELS (which an outer join would turn into NaN-padded
+    floats) and return them as {coord: {index value: label}}, checking the files agree."""
+    labels = {name: {} for name in _LABELS}
+    stripped = []
+    for ds in datasets:
+        for name, dim in _LABELS.items():
+            if name not in ds.coords:
+                continue
+            for key, value in zip(ds[dim].values, ds[name].values):
+                if labels[name].setdefault(key, value) != value:
+                    raise ValueError(f"job files disagree on {name} at {dim}={key!r}: {labels[name][key]} vs {value}")
+        stripped.append(ds.drop_vars([n for n in _LABELS if n in ds.coords]))
+    return stripped, labels
+
+
+def _warn_orphan_times(datasets, merged):
+    """Log child/pair spawn times that the parent's trajectory does not contain (a float mismatch)."""
+    parent = [ds for ds in datasets if "parent" in ds]
+    if parent:
+        orphans = sorted(set(merged["time"].values) - set(parent[0]["time"].values))
+        if orphans:
+            log.warning("spawn times %s are not among the parent's times; check they come from one grid", orphans)
+
+
+def _summaries(ds, names):
+    """{metric: (time,) per-time summary}, NaN outside the spawn times."""
+    spawned = np.zeros(ds.sizes["time"], bool)
+    for var, dim in _SUMMARY_SOURCES[:2]:
+        if var in ds:
+            spawned |= ds[var].notnull().any([d for d in ds[var].dims if d != "time"]).values
+    summaries = {}
+    for name in names:
+        summaries[name] = np.full(ds.sizes["time"], np.nan)
+        for var, dim in _SUMMARY_SOURCES:
+            if var in ds and bool(ds[var].sel(metric=name).notnull().any()):
+                series = ds[var].sel(metric=name)
+                summaries[name] = (series.mean(dim) if dim else series).values.astype(np.float64)
+                break
+        summaries[name] = np.where(spawned, summaries[name], np.nan)
+    return summaries
+
+
+def _correlate(a, b, method):
+    keep = np.isfinite(a) & np.isfinite(b)
+    a, b = a[keep], b[keep]
+    if method == "spearman":
+        a, b = _rank(a), _rank(b)
+    if len(a) < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return np.nan
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def _rank(x):
+    """Ranks 1..n with ties given their average rank (scipy.stats.rankdata 'average')."""
+    order = np.argsort(x, kind="mergesort")
+    sorted_x = x[order]
+    new = np.r_[True, sorted_x[1:] != sorted_x[:-1]]
+    group = np.cumsum(new) - 1
+    starts = np.r_[np.flatnonzero(new), len(x)]
+    ranks = np.empty(len(x))
+    ranks[order] = 0.5 * (starts[group] + starts[group + 1] - 1) + 1
+    return ranks
+
+
+def _git_commit():
+    """HEAD of the git checkout kerasntk runs from (editable installs), else 'unknown'."""
+    package_dir = os.path.dirname(os.path.abspath(__file__))
+    try:
+        top, commit = subprocess.run(["git", "-C", package_dir, "rev-parse", "--show-toplevel", "HEAD"],
+                                     capture_output=True, text=True, timeout=10, check=True).stdout.split()
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return "unknown"
+    return commit if os.path.samefile(top, os.path.dirname(package_dir)) else "unknown"
+
+
+def _package_version(*dists):
+    for dist in dists:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            return importlib.metadata.version(dist)
+    return "not installed"
