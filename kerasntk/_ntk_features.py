@@ -1,0 +1,214 @@
+"""Per-block NTK features of a Keras model, the expensive half of `kerasntk.ntk.empirical_ntk_fn`.
+
+One forward pass of the batch tiled O times (row a·N + i holds example i) and one backward pass of
+Σ_a Σ_i f_a(x_{a·N+i}) give, at every layer output, the cotangents g_{ia} = ∂f_a(x_i)/∂y (examples are
+independent in inference mode). From them each parameterised layer yields either
+
+- a *Gram* term (layer inputs X (N, k), cotangents G (N, O, c)): Dense-like layers applied once per
+  example, whose kernel block is (X₁X₂ᵀ + 1) ⊙ (G₁·G₂) (the +1 is the bias), never forming a Jacobian;
+- a *Jacobian* term (N, O, F): the per-example Jacobian of that layer's F parameters only — for
+  Dense/Conv from patches × cotangents with one batched einsum, for any other layer (BatchNorm γ/β,
+  custom layers) from a vectorized (pfor) Jacobian of that layer alone.
+
+`contract` turns two blocks' features into the kernel block in the requested dtype.
+"""
+
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from keras.src.models.functional import operation_fn  # noqa: E402
+
+
+def functional_graph(model):
+    """The functional graph that runs `model` (Functional or built Sequential), or None if subclassed."""
+    if isinstance(model, keras.Sequential):
+        return getattr(model, "_functional", None)
+    if hasattr(model, "_run_through_graph") and hasattr(model, "_nodes_by_depth"):
+        return model
+    return None
+
+
+def _trainable(op):
+    """The trainable variables an operation owns (none for plain ops and frozen layers)."""
+    return list(getattr(op, "trainable_variables", []) or [])
+
+
+def structured_kind(op):
+    """'dense' or 'conv' when `op` is a Dense/Conv1D/Conv2D whose derivative has the patch × cotangent form."""
+    if getattr(op, "quantization_mode", None) or getattr(op, "lora_enabled", False):
+        return None
+    if not (op.trainable and getattr(op, "kernel", None) is not None and op.kernel.trainable):
+        return None
+    if op.use_bias and not op.bias.trainable:
+        return None
+    if isinstance(op, keras.layers.Dense):
+        return "dense"
+    if isinstance(op, (keras.layers.Conv1D, keras.layers.Conv2D)) and not isinstance(
+        op, (keras.layers.Conv1DTranspose, keras.layers.Conv2DTranspose)
+    ):
+        if op.groups == 1 and op.data_format == "channels_last" and op.padding in ("valid", "same"):
+            return "conv"
+    return None
+
+
+def _pre_activation(op, kind, x):
+    """The layer's affine output before its activation (same arithmetic as Dense.call / BaseConv.call)."""
+    x = tf.cast(x, op.compute_dtype)
+    kernel = tf.cast(op.kernel.value, op.compute_dtype)
+    y = tf.tensordot(x, kernel, [[x.shape.rank - 1], [0]]) if kind == "dense" else op.convolution_op(x, kernel)
+    if op.use_bias:
+        y = y + tf.cast(op.bias.value, op.compute_dtype)
+    return y
+
+
+def _patches(op, kind, x):
+    """Layer input as (batch, positions, k) rows that multiply the kernel reshaped to (k, filters)."""
+    x = tf.cast(x, op.compute_dtype)
+    if kind == "dense":
+        return tf.reshape(x, (x.shape[0], -1, x.shape[-1]))
+    if op.rank == 1:
+        x = x[:, None]
+    size = [1, 1] if op.rank == 1 else []
+    ksize, strides, rates = (tuple(size[:1]) + tuple(v) for v in (op.kernel_size, op.strides, op.dilation_rate))
+    p = tf.image.extract_patches(
+        x, sizes=[1, *ksize, 1], strides=[1, *strides, 1], rates=[1, *rates, 1], padding=op.padding.upper()
+    )
+    return tf.reshape(p, (x.shape[0], -1, p.shape[-1]))
+
+
+class Features:
+    """Computes NTK features of blocks of examples for a Keras model with `out_dim` logits.
+
+    structured=False treats every layer through its per-example Jacobian (the "jacobian" implementation);
+    a model without a functional graph is treated as a single such layer.
+    """
+
+    def __init__(self, model, out_dim, structured, dtype):
+        self.model, self.out_dim, self.structured, self.dtype = model, out_dim, structured, dtype
+        self.graph = functional_graph(model)
+        self._shared = self._shared_layers()
+
+    def _shared_layers(self):
+        """Ids of layers called more than once in the graph (their Jacobians add, Gram terms do not)."""
+        if self.graph is None:
+            return set()
+        seen, shared = set(), set()
+        for nodes in self.graph._nodes_by_depth.values():
+            for node in nodes:
+                key = id(node.operation)
+                (shared if key in seen else seen).add(key)
+        return shared
+
+    def _forward(self, x, tape, records):
+        """Run the model in inference mode, watching each parameterised layer's output in `tape`."""
+
+        def wrap(op):
+            call = operation_fn(op, training=False)
+            if not _trainable(op):
+                return call
+            kind = structured_kind(op) if self.structured else None
+
+            def recorded(*args, **kwargs):
+                if kind:
+                    pre = _pre_activation(op, kind, args[0])
+                    tape.watch(pre)
+                    records.append((op, kind, args[0], [pre]))
+                    return op.activation(pre) if op.activation is not None else pre
+                out = call(*args, **kwargs)
+                flat = tf.nest.flatten(out)
+                tape.watch(flat)
+                records.append((op, None, (args, kwargs), flat))
+                return out
+
+            return recorded
+
+        if self.graph is None:
+            return wrap(self.model)(x)
+        return self.graph._run_through_graph([x], operation_fn=wrap)
+
+    def features(self, x):
+        """Features of block `x` (N, ...): (Jacobian (N, O, F) or None, [(X (N, k), G (N, O, c)), ...])."""
+        n, o = x.shape[0], self.out_dim
+        tiled = tf.tile(x, [o] + [1] * (x.shape.rank - 1))
+        records = []
+        with tf.GradientTape() as tape:
+            y = tf.nest.flatten(self._forward(tiled, tape, records))[0]
+            select = tf.eye(o, dtype=y.dtype)[:, None, :]
+            total = tf.reduce_sum(tf.reshape(y, (o, n, o)) * select)
+        cotangents = tape.gradient(total, [r[3] for r in records], unconnected_gradients="zero")
+        jacobians, grams = {}, []
+        for (op, kind, inputs, outputs), grads in zip(records, cotangents):
+            if kind and id(op) not in self._shared and outputs[0].shape[1:-1].num_elements() == 1:
+                grams.append(self._gram_term(op, kind, inputs[:n], grads[0], n))
+                continue
+            jac = self._structured_jacobian(op, kind, inputs[:n], grads[0], n) if kind else self._layer_jacobian(op, inputs, grads, n)
+            jacobians[id(op)] = jacobians[id(op)] + jac if id(op) in jacobians else jac
+        jac = tf.concat([self._cast(j) for j in jacobians.values()], axis=-1) if jacobians else None
+        return jac, grams
+
+    def _cast(self, t):
+        return tf.cast(t, self.dtype)
+
+    def _per_example(self, g, n):
+        """Cotangents (O·N, ...) of the tiled batch as (N, O, ...)."""
+        g = tf.reshape(g, (self.out_dim, n, *g.shape[1:]))
+        return tf.transpose(g, [1, 0] + list(range(2, g.shape.rank)))
+
+    def _gram_term(self, op, kind, x, g, n):
+        """Inputs (N, k) and cotangents (N, O, c) of a layer applied once per example; a bias is a column of ones."""
+        x = self._cast(tf.reshape(_patches(op, kind, x), (n, -1)))
+        if op.use_bias:
+            x = tf.concat([x, tf.ones((n, 1), x.dtype)], axis=1)
+        g = self._cast(tf.reshape(self._per_example(g, n), (n, self.out_dim, -1)))
+        return x, g
+
+    def _structured_jacobian(self, op, kind, x, g, n):
+        """Per-example Jacobian of a Dense/Conv layer: Σ_positions patch ⊗ cotangent, plus Σ cotangent for the bias."""
+        p = _patches(op, kind, x)  # (N, P, k)
+        g = tf.reshape(self._per_example(g, n), (n, self.out_dim, p.shape[1], -1))  # (N, O, P, c)
+        jac = tf.reshape(tf.einsum("npk,napc->nakc", p, g), (n, self.out_dim, -1))
+        if op.use_bias:
+            jac = tf.concat([jac, tf.reduce_sum(g, axis=2)], axis=-1)
+        return jac
+
+    def _layer_jacobian(self, op, call_args, grads, n):
+        """Per-example Jacobian of one layer's own trainable variables, vectorized over the O·N rows."""
+        args, kwargs = call_args
+        variables = [v.value for v in _trainable(op)]
+        with tf.GradientTape() as tape:
+            out = tf.nest.flatten(operation_fn(op, training=False)(*args, **kwargs))
+            rows = sum(tf.reduce_sum(tf.reshape(o * tf.cast(g, o.dtype), (o.shape[0], -1)), axis=1) for o, g in zip(out, grads))
+        jac = tape.jacobian(rows, variables, unconnected_gradients="zero", experimental_use_pfor=True)
+        jac = tf.concat([tf.reshape(j, (j.shape[0], -1)) for j in jac], axis=-1)
+        return self._per_example(jac, n)
+
+    def contract(self, f1, f2, trace):
+        """Kernel block from two blocks' features: (N1, N2, O, O), or (N1, N2) averaged over logits if trace."""
+        (j1, grams1), (j2, grams2) = f1, f2
+        o = self.out_dim
+        n1, n2 = _rows(f1), _rows(f2)
+        if trace:
+            k = tf.zeros((n1, n2), self.dtype)
+            if j1 is not None:
+                k += tf.matmul(tf.reshape(j1, (n1, -1)), tf.reshape(j2, (n2, -1)), transpose_b=True) / o
+            for (x1, g1), (x2, g2) in zip(grams1, grams2):
+                gg = tf.matmul(tf.reshape(g1, (n1, -1)), tf.reshape(g2, (n2, -1)), transpose_b=True) / o
+                k += tf.matmul(x1, x2, transpose_b=True) * gg
+            return k
+        k = tf.zeros((n1, o, n2, o), self.dtype)
+        if j1 is not None:
+            k += tf.reshape(tf.matmul(tf.reshape(j1, (n1 * o, -1)), tf.reshape(j2, (n2 * o, -1)), transpose_b=True), (n1, o, n2, o))
+        for (x1, g1), (x2, g2) in zip(grams1, grams2):
+            gg = tf.reshape(tf.matmul(tf.reshape(g1, (n1 * o, -1)), tf.reshape(g2, (n2 * o, -1)), transpose_b=True), (n1, o, n2, o))
+            xx = tf.matmul(x1, x2, transpose_b=True)
+            k += xx[:, None, :, None] * gg
+        return tf.transpose(k, [0, 2, 1, 3])
+
+
+def _rows(features):
+    """Number of examples in a block's features."""
+    jac, grams = features
+    return jac.shape[0] if jac is not None else grams[0][0].shape[0]

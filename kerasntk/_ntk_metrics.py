@@ -1,0 +1,158 @@
+"""Kernel metrics (METHODS.md §4), re-exported by `kerasntk.ntk`; every reduction runs in float64.
+
+Each accepts a trace kernel (N, N) or a full kernel (N, N, O, O); a full kernel is viewed as the
+(N·O, N·O) matrix with row index i·O + a.
+"""
+
+import numpy as np
+
+
+def _matrix(K, name="K"):
+    """A kernel as a square float64 matrix: (N, N) as is, (N, N, O, O) as (N·O, N·O)."""
+    K = np.asarray(K, dtype=np.float64)
+    if K.ndim == 2 and K.shape[0] == K.shape[1]:
+        return K
+    if K.ndim == 4 and K.shape[0] == K.shape[1] and K.shape[2] == K.shape[3]:
+        n, _, o, _ = K.shape
+        return K.transpose(0, 2, 1, 3).reshape(n * o, n * o)
+    raise ValueError(f"{name} must be a trace kernel (N, N) or a full kernel (N, N, O, O), got shape {K.shape}")
+
+
+def _inner(a, b):
+    return float(np.dot(np.ravel(a).astype(np.float64), np.ravel(b).astype(np.float64)))
+
+
+def kernel_distance(K1, K2):
+    """S(K1, K2) = 1 − ⟨K1, K2⟩_F / (‖K1‖_F ‖K2‖_F): 0 for proportional kernels, 2 for opposite ones."""
+    K1, K2 = np.asarray(K1), np.asarray(K2)
+    if K1.shape != K2.shape:
+        raise ValueError(f"kernels must have the same shape, got {K1.shape} and {K2.shape}")
+    norms = np.sqrt(_inner(K1, K1) * _inner(K2, K2))
+    if norms == 0:
+        raise ValueError("kernel_distance is undefined for an all-zero kernel")
+    return 1.0 - _inner(K1, K2) / norms
+
+
+def _check_times(times, count):
+    """Times as a strictly increasing float64 array with one entry per kernel."""
+    times = np.asarray(times, dtype=np.float64)
+    if times.shape != (count,):
+        raise ValueError(f"times must have one entry per kernel ({count}), got shape {times.shape}")
+    if np.any(np.diff(times) <= 0):
+        raise ValueError(f"times must be strictly increasing, got {times.tolist()}")
+    return times
+
+
+def kernel_velocity(kernels, times):
+    """v_i = S(K_i, K_{i+1}) / (t_{i+1} − t_i), a forward difference; NaN at the last time (no successor)."""
+    times = _check_times(times, len(kernels))
+    v = np.full(len(kernels), np.nan)
+    for i in range(len(kernels) - 1):
+        v[i] = kernel_distance(kernels[i], kernels[i + 1]) / (times[i + 1] - times[i])
+    return v
+
+
+def _targets(y, n, o):
+    """Targets as an (M, C) float64 matrix matching the kernel matrix rows: one-hot Y, or vec(Y) for full."""
+    y = np.asarray(y)
+    if y.ndim == 1:
+        if not np.issubdtype(y.dtype, np.integer) or y.min(initial=0) < 0:
+            raise ValueError("integer class labels y must be non-negative integers")
+        y = np.eye(max(int(y.max()) + 1, o or 0))[y]
+    if y.ndim != 2 or y.shape[0] != n:
+        raise ValueError(f"y must be labels (N,) or one-hot (N, C) with N = {n}, got shape {y.shape}")
+    if o is None:
+        return y.astype(np.float64)
+    if y.shape[1] != o:
+        raise ValueError(f"one-hot y has {y.shape[1]} classes but the full kernel has {o} logits")
+    return y.astype(np.float64).reshape(n * o, 1)
+
+
+def _center(K):
+    """H K H with H = I − 11ᵀ/M."""
+    return K - K.mean(axis=0, keepdims=True) - K.mean(axis=1, keepdims=True) + K.mean()
+
+
+def kernel_alignment(K, y, centered=True):
+    """Kernel–target alignment ⟨K, YYᵀ⟩_F / (‖K‖_F ‖YYᵀ‖_F) (Cortes et al. 2012 when centered).
+
+    y: integer labels (N,) or one-hot (N, C). For a full kernel the target is vec(Y)vec(Y)ᵀ over the
+    (N·O) index; centering applies H = I − 11ᵀ/M to both matrices over their M rows.
+    """
+    K = np.asarray(K)
+    M = _matrix(K)
+    Y = _targets(y, K.shape[0], K.shape[2] if K.ndim == 4 else None)
+    if centered:
+        M, Y = _center(M), Y - Y.mean(axis=0, keepdims=True)
+    target = Y @ Y.T
+    norms = np.linalg.norm(M) * np.linalg.norm(target)
+    if norms == 0:
+        raise ValueError("kernel_alignment is undefined when the (centred) kernel or target is zero")
+    return float(np.sum(M * target) / norms)
+
+
+def _spectrum(K):
+    """Eigenvalues of the symmetrised kernel matrix, descending, in float64."""
+    M = _matrix(K)
+    return np.linalg.eigvalsh((M + M.T) / 2)[::-1]
+
+
+def eigenvalues(K, k):
+    """The k largest eigenvalues of the kernel matrix, descending (O(M³) for an M×M matrix)."""
+    size = _matrix(K).shape[0]
+    if not isinstance(k, (int, np.integer)) or not 1 <= k <= size:
+        raise ValueError(f"k must be an integer in [1, {size}], got {k!r}")
+    return _spectrum(K)[:k]
+
+
+def effective_rank(K):
+    """Entropy effective rank exp(−Σ p log p), p = λ / Σλ over non-negative eigenvalues (Roy & Vetterli 2007)."""
+    lam = np.clip(_spectrum(K), 0, None)
+    if lam.sum() == 0:
+        raise ValueError("effective_rank is undefined for a kernel with no positive eigenvalue")
+    p = lam[lam > 0] / lam.sum()
+    return float(np.exp(-np.sum(p * np.log(p))))
+
+
+def distance_matrix(kernels):
+    """S(K_s, K_t) for every pair of kernels, (T, T), from their float64 Gram matrix (one pass per pair)."""
+    T = len(kernels)
+    gram = np.zeros((T, T))
+    for s in range(T):
+        for t in range(s, T):
+            gram[s, t] = gram[t, s] = _inner(kernels[s], kernels[t])
+    norms = np.sqrt(np.diag(gram))
+    if np.any(norms == 0):
+        raise ValueError("kernel distances are undefined for an all-zero kernel")
+    S = 1.0 - gram / np.outer(norms, norms)
+    np.fill_diagonal(S, 0.0)
+    return S
+
+
+def trajectory_metrics(kernels, times, y, learning_rates=None):
+    """Metrics of a kernel trajectory K_0..K_{T-1} at `times`: (dict name -> array (T,), S (T, T)).
+
+    kernel_velocity[i] = S(K_i, K_{i+1}) / (t_{i+1} − t_i) (NaN at the last time); kernel_velocity_per_lr
+    divides it by learning_rates[i] (NaN everywhere when learning_rates is None); alignments use labels y.
+    """
+    times = _check_times(times, len(kernels))
+    S = distance_matrix(kernels)
+    velocity = np.full(len(kernels), np.nan)
+    velocity[:-1] = S[np.arange(len(kernels) - 1), np.arange(1, len(kernels))] / np.diff(times)
+    if learning_rates is None:
+        per_lr = np.full(len(kernels), np.nan)
+    else:
+        lrs = np.asarray(learning_rates, dtype=np.float64)
+        if lrs.shape != times.shape:
+            raise ValueError(f"learning_rates must have one entry per kernel ({len(kernels)}), got shape {lrs.shape}")
+        per_lr = velocity / lrs
+    metrics = {
+        "kernel_distance_from_init": S[0].copy(),
+        "kernel_distance_to_final": S[:, -1].copy(),
+        "kernel_velocity": velocity,
+        "kernel_velocity_per_lr": per_lr,
+        "kernel_alignment": np.array([kernel_alignment(K, y, centered=True) for K in kernels]),
+        "kernel_alignment_uncentered": np.array([kernel_alignment(K, y, centered=False) for K in kernels]),
+        "kernel_effective_rank": np.array([effective_rank(K) for K in kernels]),
+    }
+    return metrics, S
