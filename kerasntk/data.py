@@ -314,7 +314,7 @@ def train_batches(arrays, *, batch_size, epoch, order_seed, augment_seed, start_
 
     Order and augmentation are pure functions of (order_seed, augment_seed, epoch, batch index), so
     resuming at `start_batch` replays exactly the rest of the epoch. `augment=None` uses
-    `arrays.augment`; False disables augmentation; "pad_crop_flip" forces it.
+    `arrays.augment`; False disables augmentation; True or "pad_crop_flip" forces pad-crop-flip.
     """
     steps = steps_per_epoch(arrays, batch_size)
     if steps == 0:
@@ -336,12 +336,10 @@ def train_batches(arrays, *, batch_size, epoch, order_seed, augment_seed, start_
 
 
 def _augment_mode(arrays, augment):
-    """The augmentation to apply: None (off) or a name in AUGMENTATIONS, checked against the input rank."""
-    mode = arrays.augment if augment is None else augment
-    if mode is False:
-        return None
+    """The augmentation to apply, None (off) or a name in AUGMENTATIONS, checked against the input rank."""
+    mode = {None: arrays.augment, False: None, True: "pad_crop_flip"}.get(augment, augment)
     if mode is not None and mode not in AUGMENTATIONS:
-        raise ValueError(f"augment must be None, False or one of {AUGMENTATIONS}, got {augment!r}")
+        raise ValueError(f"augment must be None, False, True or one of {AUGMENTATIONS}, got {augment!r}")
     if mode and len(arrays.input_shape) != 3:
         raise ValueError(f"augment {mode!r} needs (H, W, C) images, dataset {arrays.name!r} has {arrays.input_shape}")
     return mode

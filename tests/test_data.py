@@ -243,6 +243,9 @@ def test_train_batches_are_pure_and_resume_mid_epoch_bitwise():
     np.testing.assert_array_equal(np.stack(other_aug_y), np.stack(ys))  # order depends on order_seed only
     assert not np.array_equal(np.stack(other_aug), np.stack(xs))
     assert list(data.train_batches(arrays, epoch=4, start_batch=6, **kw)) == []  # resume at epoch end
+    plain = images(n=100, augment=None)  # True forces the augmentation on a dataset without a default
+    forced_x, _ = collect(data.train_batches(plain, epoch=4, augment=True, **kw))
+    np.testing.assert_array_equal(np.stack(forced_x), np.stack(xs))
 
 
 def test_pad_crop_flip_is_a_valid_crop_and_flip_against_a_numpy_reference():
@@ -282,11 +285,11 @@ def test_train_batches_reject_bad_arguments():
         data.train_batches(arrays, batch_size=8, start_batch=3, **kw)
     with pytest.raises(ValueError, match="batch_size must be a positive integer"):
         data.train_batches(arrays, batch_size=0, **kw)
-    with pytest.raises(ValueError, match="augment must be None, False or one of"):
+    with pytest.raises(ValueError, match="augment must be None, False, True or one of"):
         data.train_batches(arrays, batch_size=8, augment="mixup", **kw)
     vectors = data.Arrays(np.zeros((20, 40, 1), np.float32), np.zeros(20, np.int32), None, None, "v", 10, None)
     with pytest.raises(ValueError, match=r"needs \(H, W, C\) images"):
-        data.train_batches(vectors, batch_size=8, augment="pad_crop_flip", **kw)
+        data.train_batches(vectors, batch_size=8, augment=True, **kw)
 
 
 def test_eval_batches_keep_order_and_remainder():
