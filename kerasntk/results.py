@@ -89,6 +89,7 @@ _COORDS = {
     "metric_b": ("second metric name", None),
     "metric_long_name": ("description of the metric", None),
     "metric_units": ("units of the metric", None),
+    "summary_of": ("variable whose per-time summary of the metric is correlated", None),
 }
 
 # non-index coordinates carried along one dimension, re-attached after merging
@@ -222,9 +223,11 @@ def correlation(ds, method="spearman"):
     if method not in ("spearman", "pearson"):
         raise ValueError(f"method must be 'spearman' or 'pearson'; got {method!r}")
     names = [str(m) for m in ds["metric"].values]
-    summaries = _summaries(ds, names)
+    summaries, sources = _summaries(ds, names)
     matrix = np.array([[_correlate(summaries[a], summaries[b], method) for b in names] for a in names])
-    return xr.DataArray(matrix, dims=("metric", "metric_b"), coords=dict(metric=ds["metric"].values, metric_b=names),
+    coords = dict(metric=ds["metric"].values, metric_b=names,
+                  summary_of=("metric", np.array([sources[n] for n in names], dtype=object)))
+    return xr.DataArray(matrix, dims=("metric", "metric_b"), coords=coords,
                         attrs=dict(method=method, long_name=f"{method.capitalize()} correlation across spawn time",
                                    units="1"))
 
@@ -385,21 +388,22 @@ def _warn_orphan_times(datasets, merged):
 
 
 def _summaries(ds, names):
-    """{metric: (time,) per-time summary}, NaN outside the spawn times."""
+    """{metric: (time,) per-time summary}, NaN outside the spawn times, and {metric: source variable}."""
     spawned = np.zeros(ds.sizes["time"], bool)
     for var, dim in _SUMMARY_SOURCES[:2]:
         if var in ds:
             spawned |= ds[var].notnull().any([d for d in ds[var].dims if d != "time"]).values
-    summaries = {}
+    summaries, sources = {}, {}
     for name in names:
-        summaries[name] = np.full(ds.sizes["time"], np.nan)
+        summaries[name], sources[name] = np.full(ds.sizes["time"], np.nan), "none"
         for var, dim in _SUMMARY_SOURCES:
             if var in ds and bool(ds[var].sel(metric=name).notnull().any()):
                 series = ds[var].sel(metric=name)
                 summaries[name] = (series.mean(dim) if dim else series).values.astype(np.float64)
+                sources[name] = var
                 break
         summaries[name] = np.where(spawned, summaries[name], np.nan)
-    return summaries
+    return summaries, sources
 
 
 def _correlate(a, b, method):

@@ -144,6 +144,7 @@ def test_correlation_equals_scipy_spearman_on_a_hand_made_case(tmp_path):
     # test_error is in child and parent: the children's mean is the summary
     expected = scipy.stats.spearmanr(mean_child, mean_barrier).statistic
     assert corr.sel(metric="test_error", metric_b="error_barrier") == pytest.approx(expected, abs=1e-12)
+    assert corr["summary_of"].sel(metric="test_error").item() == "child"
     assert corr.sel(metric="kernel_velocity", metric_b="kernel_velocity") == pytest.approx(1.0)
     pearson = rs.correlation(ds, method="pearson").sel(metric="error_barrier", metric_b="kernel_velocity")
     assert pearson == pytest.approx(np.corrcoef(mean_barrier, velocity[spawned])[0, 1], abs=1e-12)

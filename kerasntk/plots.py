@@ -1,0 +1,236 @@
+"""Figures of a merged run (results.merge / open_run): barriers, interpolation curves, kernel dynamics,
+S(t, t') heatmap, correlations, child error and the linearized network's error, as PNG and PDF.
+
+Figures are drawn on `matplotlib.figure.Figure` objects (no pyplot, so no global backend change and
+nothing pops up); each figure is skipped with a log line when the variables it needs are absent.
+"""
+
+import logging
+import os
+
+import numpy as np
+from matplotlib import colormaps, colors
+from matplotlib.cm import ScalarMappable
+from matplotlib.figure import Figure
+
+log = logging.getLogger(__name__)
+
+STABLE_BARRIER = 0.02  # Frankle et al. 2020: a spawn is "stable" below this error barrier
+
+
+def report(ds, out_dir):
+    """Write every figure the Dataset supports to `out_dir` as PNG and PDF; return the written paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    for name, draw in _FIGURES:
+        fig = draw(ds)
+        if fig is None:
+            continue
+        for ext in ("png", "pdf"):
+            path = os.path.join(out_dir, f"{name}.{ext}")
+            fig.savefig(path, dpi=150, bbox_inches="tight")
+            paths.append(path)
+    return paths
+
+
+# --- figures -------------------------------------------------------------------------------------------
+
+
+def barrier_vs_spawn_time(ds):
+    """Error and loss barriers between children vs spawn time: mean over pairs, min–max band, each pair."""
+    panels = [(names, ylabel) for names, ylabel in (
+        (("error_barrier", "train_error_barrier"), "error barrier (0–1 error)"),
+        (("loss_barrier", "train_loss_barrier"), "loss barrier (nats)")) if any(_has(ds, "pair", n) for n in names)]
+    if not panels:
+        return _skip("barrier_vs_spawn_time", "pair error_barrier / loss_barrier")
+    fig, axes = _figure(len(panels), "Linear-interpolation barriers between children spawned at the same time")
+    for ax, (names, ylabel) in zip(axes, panels):
+        for name, color in zip(names, ("C0", "C1")):
+            if _has(ds, "pair", name):
+                _mean_and_spread(ax, ds["pair"].sel(metric=name), "child_pair", color,
+                                 f"{'train' if name.startswith('train') else 'test'} set")
+        if ylabel.startswith("error"):
+            ax.axhline(STABLE_BARRIER, color="gray", ls="--", lw=1, label=f"stable below {STABLE_BARRIER} (Frankle et al.)")
+        _spawn_time_axis(ax, ds)
+        ax.set(ylabel=ylabel, title=ylabel.split(" (")[0] + " vs spawn time")
+        ax.legend(fontsize=8)
+    return fig
+
+
+def interpolation_curves(ds):
+    """Error (and loss) along the linear path between two children, mean over pairs, one line per spawn time."""
+    names = [n for n in ("test_error", "test_loss", "train_error") if _has(ds, "path", n)]
+    if not names:
+        return _skip("interpolation_curves", "path test_error")
+    path = ds["path"].mean("child_pair")
+    times = ds["time"].values[path.notnull().any(["alpha", "metric"]).values]
+    cmap, norm = _time_colors(len(times))
+    fig, axes = _figure(len(names), "Along the straight line between two children: w = (1 − α) w_a + α w_b")
+    for ax, name in zip(axes, names):
+        for i, t in enumerate(times):
+            ax.plot(ds["alpha"], path.sel(time=t, metric=name), color=cmap(norm(i)), marker=".", lw=1.2)
+        kind, split = name.split("_")[1], name.split("_")[0]
+        ax.set(xlabel="interpolation coefficient α", ylabel=f"{split} {'0–1 error' if kind == 'error' else 'loss (nats)'}",
+               title=f"{split} {kind} along the path (mean over pairs)")
+    bar = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=list(axes), ticks=range(len(times)))
+    bar.ax.set_yticklabels([f"{t:g}" for t in times])
+    bar.set_label("spawn time (epoch)")
+    return fig
+
+
+def kernel_dynamics(ds):
+    """The parent's NTK velocity and its distance from the initial (and to the final) kernel vs time."""
+    velocity = [n for n in ("kernel_velocity",) if _has(ds, "parent", n)]
+    distance = [n for n in ("kernel_distance_from_init", "kernel_distance_to_final") if _has(ds, "parent", n)]
+    if not velocity and not distance:
+        return _skip("kernel_dynamics", "parent kernel_velocity / kernel_distance_from_init")
+    panels = [p for p in ((velocity, "kernel velocity (1/epoch)"), (distance, "kernel distance S")) if p[0]]
+    fig, axes = _figure(len(panels), "Evolution of the parent's empirical NTK on the probe set")
+    for ax, (names, ylabel) in zip(axes, panels):
+        for name in names:
+            series = ds["parent"].sel(metric=name).dropna("time")
+            ax.plot(series["time"], series, marker=".", label=name.replace("_", " "))
+        if names == velocity:
+            ax.set_yscale("log")
+        _time_axis(ax, ds["time"].values, "parent training time t (epoch)")
+        ax.set(ylabel=ylabel, title=ylabel.split(" (")[0] + " vs time")
+        ax.legend(fontsize=8)
+    return fig
+
+
+def kernel_distance_matrix(ds):
+    """Heatmap of S(K_t, K_t') between the parent's kernels at every pair of times."""
+    if "kernel_distance" not in ds:
+        return _skip("kernel_distance_matrix", "kernel_distance")
+    matrix = ds["kernel_distance"].dropna("time", how="all").dropna("time_b", how="all")
+    fig, (ax,) = _figure(1, "Kernel distance between the parent's NTKs at two times")
+    image = ax.imshow(matrix.values, cmap="magma", origin="lower", vmin=0)
+    _time_ticks(ax.set_xticks, ax.set_xticklabels, matrix["time_b"].values)
+    _time_ticks(ax.set_yticks, ax.set_yticklabels, matrix["time"].values)
+    ax.set(xlabel="time t' (epoch)", ylabel="time t (epoch)", title="S(K_t, K_t') = 1 − cosine of the kernels")
+    fig.colorbar(image, ax=ax, label="S(K_t, K_t')  (0 = same kernel up to scale)")
+    return fig
+
+
+def correlation_matrix(ds):
+    """Spearman correlation across spawn time between every pair of metrics with enough data."""
+    if "correlation" not in ds:
+        return _skip("correlation_matrix", "correlation")
+    corr = ds["correlation"]
+    keep = [str(m) for m in corr["metric"].values if np.isfinite(corr.sel(metric=m).values).sum() > 1]
+    if len(keep) < 2:
+        return _skip("correlation_matrix", "two metrics with finite correlations")
+    values = corr.sel(metric=keep, metric_b=keep).values
+    size = 0.6 * len(keep) + 3
+    fig, (ax,) = _figure(1, "How the metrics move together across spawn time", size=(size + 1, size))
+    image = ax.imshow(values, cmap="RdBu_r", vmin=-1, vmax=1)
+    for (i, j), v in np.ndenumerate(values):
+        if np.isfinite(v):
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="white" if abs(v) > 0.6 else "black")
+    labels = [f"{m} ({corr['summary_of'].sel(metric=m).item()})" if "summary_of" in corr.coords else m for m in keep]
+    ax.set_xticks(range(len(keep)), labels, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(len(keep)), labels, fontsize=8)
+    ax.set(xlabel="metric", ylabel="metric")
+    ax.set_title(f"{corr.attrs.get('method', 'spearman').capitalize()} correlation of per-spawn-time summaries\n"
+                 "(pair metrics: mean over pairs; child metrics: mean over children)", fontsize=9)
+    fig.colorbar(image, ax=ax, label="correlation (1)")
+    return fig
+
+
+def child_error_vs_spawn_time(ds):
+    """Final test error of the children vs the time they were spawned, with the parent's final error."""
+    if not _has(ds, "child", "test_error"):
+        return _skip("child_error_vs_spawn_time", "child test_error")
+    fig, (ax,) = _figure(1, "Where the children end up")
+    _mean_and_spread(ax, ds["child"].sel(metric="test_error"), "spawn", "C0", "children (mean, min–max, each)")
+    if _has(ds, "parent", "test_error"):
+        final = ds["parent"].sel(metric="test_error").dropna("time")
+        ax.axhline(final[-1], color="k", ls="--", lw=1, label=f"parent at t = {final['time'].values[-1]:g} epoch")
+    _spawn_time_axis(ax, ds)
+    ax.set(ylabel="final test error (0–1)", title="Children's final test error vs spawn time")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def linearized_error(ds):
+    """Test error of the network linearized at time t (kernel learning with the time-t NTK) beside the
+    parent's own test error at t."""
+    if not _has(ds, "parent", "linearized_test_error"):
+        return _skip("linearized_error", "parent linearized_test_error")
+    fig, (ax,) = _figure(1, "Kernel learning with the NTK frozen at time t")
+    for name, label in (("linearized_test_error", "linearized network f_lin at t, trained to convergence"),
+                        ("test_error", "parent network at t")):
+        if _has(ds, "parent", name):
+            series = ds["parent"].sel(metric=name).dropna("time")
+            ax.plot(series["time"], series, marker=".", label=label)
+    _time_axis(ax, ds["time"].values, "time t the network is linearized at (epoch)")
+    ax.set(ylabel="test error (0–1)", title="Linearized vs nonlinear test error")
+    ax.legend(fontsize=8)
+    return fig
+
+
+_FIGURES = (("barrier_vs_spawn_time", barrier_vs_spawn_time), ("interpolation_curves", interpolation_curves),
+            ("kernel_dynamics", kernel_dynamics), ("kernel_distance_matrix", kernel_distance_matrix),
+            ("correlation_matrix", correlation_matrix), ("child_error_vs_spawn_time", child_error_vs_spawn_time),
+            ("linearized_error", linearized_error))
+
+
+# --- helpers -----------------------------------------------------------------------------------------
+
+
+def _has(ds, var, metric):
+    """True when variable `var` holds a finite value of `metric`."""
+    return var in ds and metric in ds["metric"].values and bool(ds[var].sel(metric=metric).notnull().any())
+
+
+def _skip(figure, missing):
+    log.info("skipping figure %s: no %s in the results", figure, missing)
+    return None
+
+
+def _figure(panels, suptitle, size=None):
+    fig = Figure(figsize=size or (5.2 * panels, 4.2), layout="constrained")
+    axes = fig.subplots(1, panels, squeeze=False)[0]
+    fig.suptitle(suptitle)
+    return fig, axes
+
+
+def _mean_and_spread(ax, series, over, color, label):
+    """Mean over `over` as a line, the min–max band shaded, each member as a faint dot (spawn times only)."""
+    series = series.dropna("time", how="all")
+    t = series["time"].values
+    ax.fill_between(t, series.min(over), series.max(over), color=color, alpha=0.2, lw=0)
+    for member in series[over].values:
+        ax.plot(t, series.sel({over: member}), ls="none", marker=".", ms=3, color=color, alpha=0.5)
+    ax.plot(t, series.mean(over), color=color, marker="o", ms=4, label=label)
+
+
+def _spawn_time_axis(ax, ds):
+    _time_axis(ax, ds["time"].values, "spawn time (epoch, symlog: linear below the first nonzero time)")
+
+
+def _time_axis(ax, times, label):
+    """Log-like time axis that keeps t = 0: symlog, linear up to the smallest positive time, with ticks at
+    0 and at the decades in range (symlog's default ticks also label negative times)."""
+    positive = times[times > 0]
+    if len(positive):
+        linthresh = float(positive.min())
+        ax.set_xscale("symlog", linthresh=linthresh, linscale=0.5)
+        decades = 10.0 ** np.arange(np.ceil(np.log10(linthresh)), np.floor(np.log10(positive.max())) + 1)
+        ticks = np.r_[0.0, decades]
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.set_xlim(-0.15 * linthresh, 1.3 * positive.max())
+    ax.set_xlabel(label)
+
+
+def _time_colors(n):
+    """A colormap and norm giving each of n spawn times (ordered) its own colour."""
+    palette = colormaps["viridis"](np.linspace(0, 0.95, max(n, 1)))
+    return colors.ListedColormap(palette), colors.BoundaryNorm(np.arange(n + 1) - 0.5, max(n, 1))
+
+
+def _time_ticks(set_ticks, set_labels, times, most=8):
+    """Tick at most `most` of the times on an index axis, labelled with their values."""
+    idx = np.unique(np.linspace(0, len(times) - 1, min(most, len(times))).round().astype(int))
+    set_ticks(idx)
+    set_labels([f"{times[i]:g}" for i in idx])
