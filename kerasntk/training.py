@@ -244,7 +244,7 @@ class Trainer:
             correct = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=y.dtype), y), tf.float32)
             return tf.stack([tf.reduce_sum(per_example), tf.reduce_sum(correct), tf.cast(tf.size(y), tf.float32)])
 
-        if t.jit_compile and not _replicas_share_a_host_cpu(strategy):
+        if use_xla(t.jit_compile, strategy):
             replica_step = tf.function(replica_step, jit_compile=True)
         self.replica_step = replica_step
 
@@ -289,6 +289,16 @@ class Trainer:
         for xb, yb, mb in self.strategy.experimental_distribute_dataset(ds):
             totals += self._eval_batch(xb, yb, mb).numpy()
         return dict(loss=float(totals[0] / totals[2]), error=float(1 - totals[1] / totals[2]))
+
+
+def use_xla(jit_compile, strategy):
+    """Whether train steps are XLA-compiled: "auto" means on accelerators only (on CPU, TensorFlow's
+    oneDNN kernels train convnets 2-3x faster than XLA: BENCHMARKS.md); never across logical CPUs."""
+    if _replicas_share_a_host_cpu(strategy):
+        return False
+    if jit_compile == "auto":
+        return bool(tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("TPU"))
+    return bool(jit_compile)
 
 
 def _replicas_share_a_host_cpu(strategy):

@@ -138,6 +138,7 @@ ZOO = [("cnn1d", (16, 1), {}), ("cnn", (8, 8, 3), {"channels": 4}), ("mlp", (12,
 def test_train_step_compiles_with_xla_for_every_zoo_model(tmp_path, name, shape, options):
     """jit_compile=True is our proxy for TPU readiness: static shapes, no Python side effects in the step."""
     config = tiny_config(f"model.name={name}", "train.length=2it", "train.batch_size=8", "spawn.times=[]",
+                         "train.jit_compile=true",
                          f"model.options={options!r}".replace("'", '"'))
     trainer = training.Trainer(config, str(tmp_path), arrays=synthetic_arrays(32, 16, shape, 4))
     trainer.restore()
@@ -161,7 +162,7 @@ def _train_cli(out, npz, *extra):
 
 def _checkpoint_weights(job_dir, step):
     reader = tf.train.load_checkpoint(os.path.join(training.checkpoint_dir(job_dir, step), "ckpt"))
-    names = sorted(n for n in reader.get_variable_to_shape_map() if n.startswith("model/"))
+    names = sorted(n for n in reader.get_variable_to_shape_map() if n.endswith("VARIABLE_VALUE"))
     return {n: reader.get_tensor(n) for n in names}
 
 
@@ -184,7 +185,7 @@ def test_sigkill_mid_epoch_then_restart_is_bitwise_identical(tmp_path):
     subprocess.run(_train_cli(killed, npz), check=True, timeout=600)
     a = _checkpoint_weights(str(clean / "parent"), 4 * steps_per_epoch)
     b = _checkpoint_weights(str(killed / "parent"), 4 * steps_per_epoch)
-    assert a.keys() == b.keys() and len(a) > 0
+    assert a.keys() == b.keys() and len(a) > 10  # weights, momentum slots, step
     assert all(np.array_equal(a[k], b[k]) for k in a)
 
 
