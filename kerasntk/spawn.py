@@ -173,7 +173,7 @@ class Experiment:
         scalars, _ = self._compare(w, parent_final)
         test = landscape.evaluate(self.parent.model, w, self.arrays.x_test, self.arrays.y_test)
         metrics = dict(test_error=test["error"], test_loss=test["loss"])
-        metrics.update({f"parent_{k}": v for k, v in scalars.items()})
+        metrics.update({f"{k}_to_parent": v for k, v in scalars.items()})
         if self.config.ntk.enabled:
             self.kernel(w, os.path.join(job, "kernel.npy"))
         results.write_atomic(results.child_dataset(step, step / self.steps_per_epoch, child, metrics,
