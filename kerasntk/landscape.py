@@ -13,6 +13,7 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
+from keras import ops  # noqa: E402
 
 BN_MODES = ("reestimate", "interpolate")
 
@@ -45,25 +46,23 @@ def evaluate(model, weights, x, y, batch_size=512):
     if weights is not None:
         model.set_weights(weights)
     y = _labels(y, len(x))
-    logits = np.concatenate([_predict(model, xb) for xb in _batches(x, batch_size)])
+    logits = np.asarray(_predict(model, x, batch_size), np.float64)
     return dict(error=_error(logits, y), loss=_cross_entropy(logits, y), logits=logits)
 
 
 def reestimate_batchnorm(model, x_batches, batch_size=512):
     """Set every BatchNormalization layer's moving mean/variance to the exact population statistics of
-    its inputs over `x_batches` (an array, split into `batch_size` chunks, or an iterable of arrays).
+    its inputs over `x_batches` (an input array, or a list of input batches, which are concatenated).
 
     Layers are processed in topological order with the whole network in inference mode, each after the
     layers before it were updated, so afterwards every BN layer's moving mean/variance equal the mean and
     (biased, ddof=0) variance of the inputs it actually receives at inference on these examples: no EMA,
-    no dependence on how the examples are batched. Costs about (number of BN layers)/2 forward passes.
-    A model without BatchNormalization is left unchanged.
+    no dependence on batching. Costs about (number of BN layers)/2 forward passes (one truncated pass per
+    BN layer, reduced to per-example channel moments on the device). No-op without BatchNormalization.
     """
-    batches = list(_batches(x_batches, batch_size)) if isinstance(x_batches, np.ndarray) else list(x_batches)
-    if not batches:
-        raise ValueError("reestimate_batchnorm needs at least one batch of inputs; got none")
-    for layer, probe in _bn_probes(model):
-        mean, var = _channel_moments(probe, batches, layer.axis)
+    x = x_batches if isinstance(x_batches, np.ndarray) else np.concatenate(list(x_batches))
+    for layer, probe, positions in _bn_probes(model):
+        mean, var = _channel_moments(probe, positions, x, batch_size)
         layer.moving_mean.assign(mean.astype(layer.moving_mean.dtype))
         layer.moving_variance.assign(var.astype(layer.moving_variance.dtype))
 
@@ -188,29 +187,41 @@ _PROBES = weakref.WeakKeyDictionary()
 
 
 def _bn_probes(model):
-    """[(bn_layer, sub-model from the model input to that layer's input)] in topological order, cached
-    per model so each sub-model's predict function is traced once."""
+    """[(bn_layer, probe, positions)] in topological order: the probe is a sub-model from the model input
+    to the per-example channel moments of the layer's input, `positions` the number of values per example
+    and channel (e.g. H·W for images). Cached per model so each probe traces once."""
     if model not in _PROBES:
         bns = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
         if len(bns) != sum(isinstance(layer, keras.layers.BatchNormalization) for layer in model._flatten_layers()):
             raise ValueError("reestimate_batchnorm supports BatchNormalization layers at the top level of a "
                              "functional or Sequential model; this model nests them inside sub-models")
-        _PROBES[model] = [(layer, keras.Model(model.input, layer.input)) for layer in bns]
+        _PROBES[model] = [(layer, keras.Model(model.input, _ExampleMoments(layer.axis)(layer.input)),
+                           int(np.prod(layer.input.shape[1:])) // layer.input.shape[layer.axis]) for layer in bns]
     return _PROBES[model]
 
 
-def _channel_moments(probe, batches, axis):
-    """Mean and biased variance per channel (`axis`) of the probe's outputs over all batches (float64,
-    shifted by the first batch's mean for accuracy)."""
-    count, shift, total, total_sq = 0, None, 0.0, 0.0
-    for xb in batches:
-        out = np.moveaxis(_predict(probe, xb), axis, -1)
-        out = out.reshape(-1, out.shape[-1])
-        shift = out.mean(0) if shift is None else shift
-        centred = out - shift
-        count, total, total_sq = count + len(out), total + centred.sum(0), total_sq + (centred**2).sum(0)
-    mean = total / count
-    return shift + mean, np.maximum(total_sq / count - mean**2, 0.0)
+class _ExampleMoments(keras.layers.Layer):
+    """Per example and channel (`axis`): the mean over the remaining (spatial) axes and the sum of squared
+    deviations from it, shapes (N, C) each, so only O(N·C) numbers leave the device."""
+
+    def __init__(self, axis, **kwargs):
+        super().__init__(**kwargs)
+        self.channel_axis = axis
+
+    def call(self, h):
+        h = ops.moveaxis(ops.cast(h, "float32"), self.channel_axis, -1)
+        h = ops.reshape(h, (-1, int(np.prod(h.shape[1:-1])), h.shape[-1]))
+        mean = ops.mean(h, axis=1)
+        return mean, ops.sum(ops.square(h - mean[:, None, :]), axis=1)
+
+
+def _channel_moments(probe, positions, x, batch_size):
+    """Population mean and biased variance per channel, combining per-example moments in float64
+    (Chan et al.: M2 = Σ_i M2_i + n Σ_i (mean_i − mean)², n positions per example)."""
+    means, m2s = (np.asarray(a, np.float64) for a in _predict(probe, x, batch_size))
+    mean = means.mean(0)
+    m2 = m2s.sum(0) + positions * np.sum((means - mean) ** 2, axis=0)
+    return mean, m2 / (positions * len(means))
 
 
 @contextlib.contextmanager
@@ -233,18 +244,20 @@ def _bn_mode(model, bn, bn_x):
     return reestimate
 
 
-def _predict(model, xb):
-    """float64 outputs of `model` on one batch, inference mode."""
-    return np.asarray(model.predict_on_batch(xb), np.float64)
-
-
-def _batches(x, batch_size):
-    """Consecutive slices of `x` of at most `batch_size` examples."""
-    if int(batch_size) < 1:
-        raise ValueError(f"batch_size must be a positive integer; got {batch_size}")
+def _predict(model, x, batch_size):
+    """Outputs of `model` on `x` in inference mode, batch by batch. On one replica `predict_on_batch`
+    (low overhead); under a multi-replica strategy `predict`, which splits batches over the replicas
+    (`predict_on_batch` there returns one full copy of the outputs per replica)."""
     if len(x) == 0:
         raise ValueError("cannot evaluate on an empty input array")
-    return (x[i:i + int(batch_size)] for i in range(0, len(x), int(batch_size)))
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size must be a positive integer; got {batch_size}")
+    if model.distribute_strategy.num_replicas_in_sync > 1:
+        return model.predict(x, batch_size=int(batch_size), verbose=0)
+    outputs = [model.predict_on_batch(x[i:i + int(batch_size)]) for i in range(0, len(x), int(batch_size))]
+    if isinstance(outputs[0], (list, tuple)):
+        return [np.concatenate(parts) for parts in zip(*outputs)]
+    return np.concatenate(outputs)
 
 
 def _alphas(alphas):

@@ -205,17 +205,21 @@ def test_reestimate_batchnorm_conv_reduces_over_positions():
     np.testing.assert_allclose(bn.moving_variance.numpy(), out.var((0, 1)), rtol=1e-5)
 
 
-def test_reestimate_under_mirrored_strategy():
+def test_evaluate_and_reestimate_under_mirrored_strategy():
+    """Variables created under a 2-replica MirroredStrategy; 65 examples in batches of 32 leave a last
+    batch of 1 that cannot be split evenly over the replicas."""
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     with strategy.scope():
         model = _dense_bn_model()
     rng = np.random.default_rng(8)
     model.set_weights(_random_weights(model, rng))
-    x = rng.standard_normal((64, 5)).astype(np.float32)
+    x, y = rng.standard_normal((65, 5)).astype(np.float32), rng.integers(0, 2, 65)
     ls.reestimate_batchnorm(model, x, batch_size=32)
     (m1, v1), _ = _numpy_dense_bn_stats(model.get_weights(), x)
     np.testing.assert_allclose(model.layers[2].moving_mean.numpy(), m1, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(model.layers[2].moving_variance.numpy(), v1, rtol=1e-5)
+    result = ls.evaluate(model, None, x, y, batch_size=32)
+    np.testing.assert_allclose(result["logits"], model(x, training=False).numpy(), rtol=1e-6, atol=1e-6)
 
 
 def test_path_reestimates_batchnorm_at_every_alpha():
