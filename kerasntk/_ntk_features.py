@@ -1,8 +1,8 @@
 """Per-block NTK features of a Keras model, the expensive half of `kerasntk.ntk.empirical_ntk_fn`.
 
-One forward pass of the batch tiled O times (row a·N + i holds example i) and one backward pass of
-Σ_a Σ_i f_a(x_{a·N+i}) give, at every layer output, the cotangents g_{ia} = ∂f_a(x_i)/∂y (examples are
-independent in inference mode). From them each parameterised layer yields either
+One forward pass of the batch and one backward pass of Σ_i f(x_i) vectorized (pfor) over the O logits give,
+at every layer output, the cotangents g_{ia} = ∂f_a(x_i)/∂y (examples are independent in inference mode,
+so the batch sum separates them). From them each parameterised layer yields either
 
 - a *Gram* term (layer inputs X (N, k), cotangents G (N, O, c)): Dense-like layers applied once per
   example, whose kernel block is (X₁X₂ᵀ + 1) ⊙ (G₁·G₂) (the +1 is the bias), never forming a Jacobian;
@@ -131,20 +131,18 @@ class Features:
 
     def features(self, x):
         """Features of block `x` (N, ...): (Jacobian (N, O, F) or None, [(X (N, k), G (N, O, c)), ...])."""
-        n, o = x.shape[0], self.out_dim
-        tiled = tf.tile(x, [o] + [1] * (x.shape.rank - 1))
+        n = x.shape[0]
         records = []
-        with tf.GradientTape() as tape:
-            y = tf.nest.flatten(self._forward(tiled, tape, records))[0]
-            select = tf.eye(o, dtype=y.dtype)[:, None, :]
-            total = tf.reduce_sum(tf.reshape(y, (o, n, o)) * select)
-        cotangents = tape.gradient(total, [r[3] for r in records], unconnected_gradients="zero")
+        with tf.GradientTape(persistent=True) as tape:
+            y = tf.nest.flatten(self._forward(x, tape, records))[0]
+            total = tf.reduce_sum(y, axis=0)  # examples are independent: row a holds every ∂f_a(x_i)
+        cotangents = tape.jacobian(total, [r[3] for r in records], unconnected_gradients="zero", experimental_use_pfor=True)
         jacobians, grams = {}, []
         for (op, kind, inputs, outputs), grads in zip(records, cotangents):
             if kind and id(op) not in self._shared and outputs[0].shape[1:-1].num_elements() == 1:
-                grams.append(self._gram_term(op, kind, inputs[:n], grads[0], n))
+                grams.append(self._gram_term(op, kind, inputs, grads[0], n))
                 continue
-            jac = self._structured_jacobian(op, kind, inputs[:n], grads[0], n) if kind else self._layer_jacobian(op, inputs, grads, n)
+            jac = self._structured_jacobian(op, kind, inputs, grads[0], n) if kind else self._layer_jacobian(op, inputs, grads, n)
             jacobians[id(op)] = jacobians[id(op)] + jac if id(op) in jacobians else jac
         jac = tf.concat([self._cast(j) for j in jacobians.values()], axis=-1) if jacobians else None
         return jac, grams
@@ -152,9 +150,8 @@ class Features:
     def _cast(self, t):
         return tf.cast(t, self.dtype)
 
-    def _per_example(self, g, n):
-        """Cotangents (O·N, ...) of the tiled batch as (N, O, ...)."""
-        g = tf.reshape(g, (self.out_dim, n, *g.shape[1:]))
+    def _per_example(self, g):
+        """Cotangents (O, N, ...) as (N, O, ...)."""
         return tf.transpose(g, [1, 0] + list(range(2, g.shape.rank)))
 
     def _gram_term(self, op, kind, x, g, n):
@@ -162,28 +159,32 @@ class Features:
         x = self._cast(tf.reshape(_patches(op, kind, x), (n, -1)))
         if op.use_bias:
             x = tf.concat([x, tf.ones((n, 1), x.dtype)], axis=1)
-        g = self._cast(tf.reshape(self._per_example(g, n), (n, self.out_dim, -1)))
+        g = self._cast(tf.reshape(self._per_example(g), (n, self.out_dim, -1)))
         return x, g
 
     def _structured_jacobian(self, op, kind, x, g, n):
         """Per-example Jacobian of a Dense/Conv layer: Σ_positions patch ⊗ cotangent, plus Σ cotangent for the bias."""
         p = _patches(op, kind, x)  # (N, P, k)
-        g = tf.reshape(self._per_example(g, n), (n, self.out_dim, p.shape[1], -1))  # (N, O, P, c)
-        jac = tf.reshape(tf.einsum("npk,napc->nakc", p, g), (n, self.out_dim, -1))
+        o, positions, k = self.out_dim, p.shape[1], p.shape[2]
+        g = tf.transpose(tf.reshape(g, (o, n, positions, -1)), [1, 2, 0, 3])  # (N, P, O, c)
+        jac = tf.matmul(p, tf.reshape(g, (n, positions, -1)), transpose_a=True)  # (N, k, O·c) as one batched GEMM
+        jac = tf.reshape(tf.transpose(tf.reshape(jac, (n, k, o, -1)), [0, 2, 1, 3]), (n, o, -1))
         if op.use_bias:
-            jac = tf.concat([jac, tf.reduce_sum(g, axis=2)], axis=-1)
+            jac = tf.concat([jac, tf.reduce_sum(g, axis=1)], axis=-1)
         return jac
 
     def _layer_jacobian(self, op, call_args, grads, n):
-        """Per-example Jacobian of one layer's own trainable variables, vectorized over the O·N rows."""
+        """Per-example Jacobian of one layer's own trainable variables, vectorized (pfor) over O·N rows."""
         args, kwargs = call_args
         variables = [v.value for v in _trainable(op)]
         with tf.GradientTape() as tape:
             out = tf.nest.flatten(operation_fn(op, training=False)(*args, **kwargs))
-            rows = sum(tf.reduce_sum(tf.reshape(o * tf.cast(g, o.dtype), (o.shape[0], -1)), axis=1) for o, g in zip(out, grads))
+            rows = sum(
+                tf.einsum("nf,anf->an", tf.reshape(o, (n, -1)), tf.reshape(tf.cast(g, o.dtype), (g.shape[0], n, -1)))
+                for o, g in zip(out, grads)
+            )
         jac = tape.jacobian(rows, variables, unconnected_gradients="zero", experimental_use_pfor=True)
-        jac = tf.concat([tf.reshape(j, (j.shape[0], -1)) for j in jac], axis=-1)
-        return self._per_example(jac, n)
+        return tf.concat([tf.reshape(tf.transpose(j, [1, 0] + list(range(2, j.shape.rank))), (n, self.out_dim, -1)) for j in jac], axis=-1)
 
     def contract(self, f1, f2, trace):
         """Kernel block from two blocks' features: (N1, N2, O, O), or (N1, N2) averaged over logits if trace."""

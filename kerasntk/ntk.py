@@ -147,7 +147,7 @@ class _Engine:
     def __init__(self, model, implementation, trace, dtype):
         self.model, self.trace, self.dtype = model, trace, dtype
         self.implementation, self.out_dim = implementation, None
-        self.pair = tf.function(self._pair, jit_compile=True)
+        self.pair = tf.function(self._pair)
         self._distributed = {}
 
     def _setup(self, x):
@@ -160,8 +160,8 @@ class _Engine:
         self.out_dim = int(y.shape[-1])
         if self.implementation != "ntk_vp":
             self.feats = Features(self.model, self.out_dim, self.implementation == "structured", self.dtype)
-            self.features = tf.function(self.feats.features, jit_compile=True)
-            self.contract = tf.function(lambda f1, f2: self.feats.contract(f1, f2, self.trace), jit_compile=True)
+            self.features = tf.function(self.feats.features)
+            self.contract = tf.function(lambda f1, f2: self.feats.contract(f1, f2, self.trace), jit_compile=os.environ.get("KNTK_JIT") == "1")
 
     def _pair(self, xa, xb):
         """One kernel block Θ(xa, xb) computed from scratch (used under a strategy and by ntk_vp)."""
