@@ -154,11 +154,12 @@ def compare(model, w_a, w_b, *, x_test, y_test, x_train, y_train, alphas=None, b
             bn_x=None, reference_norm=None, batch_size=512):
     """All landscape metrics between weight sets w_a and w_b → (scalars, curves).
 
-    alphas: increasing grid from 0 to 1 (default 11 points). bn_x: inputs for BN re-estimation
-    (default x_train). scalars: error_barrier, loss_barrier (test set), train_error_barrier,
-    train_loss_barrier, disagreement, js_divergence (test set, the two networks as given, with their own
-    BN statistics), weight_distance, relative_weight_distance, cosine_similarity. curves: test_error,
-    test_loss, train_error, train_loss along α, arrays (len(alphas),). Model weights are restored.
+    alphas: grid from 0 to 1 (default 11 points). bn_x: inputs for BN re-estimation (default x_train;
+    pass a few thousand examples: each α costs ~(number of BN layers)/2 forward passes over them).
+    scalars: error_barrier, loss_barrier (test set), train_error_barrier, train_loss_barrier,
+    disagreement, js_divergence (test set, the two networks as given, with their own BN statistics),
+    weight_distance, relative_weight_distance, cosine_similarity. curves: test_error, test_loss,
+    train_error, train_loss along α, arrays (len(alphas),). Model weights are restored.
     """
     alphas = _alphas(np.linspace(0.0, 1.0, 11) if alphas is None else alphas)
     if alphas[0] != 0.0 or alphas[-1] != 1.0:

@@ -50,7 +50,8 @@ def barrier_vs_spawn_time(ds):
                 _mean_and_spread(ax, ds["pair"].sel(metric=name), "child_pair", color,
                                  f"{'train' if name.startswith('train') else 'test'} set")
         if ylabel.startswith("error"):
-            ax.axhline(STABLE_BARRIER, color="gray", ls="--", lw=1, label=f"stable below {STABLE_BARRIER} (Frankle et al.)")
+            ax.axhline(STABLE_BARRIER, color="gray", ls="--", lw=1,
+                       label=f"stable below {STABLE_BARRIER} (Frankle et al.)")
         _spawn_time_axis(ax, ds)
         ax.set(ylabel=ylabel, title=ylabel.split(" (")[0] + " vs spawn time")
         ax.legend(fontsize=8)
@@ -70,7 +71,8 @@ def interpolation_curves(ds):
         for i, t in enumerate(times):
             ax.plot(ds["alpha"], path.sel(time=t, metric=name), color=cmap(norm(i)), marker=".", lw=1.2)
         kind, split = name.split("_")[1], name.split("_")[0]
-        ax.set(xlabel="interpolation coefficient α", ylabel=f"{split} {'0–1 error' if kind == 'error' else 'loss (nats)'}",
+        unit = "0–1 error" if kind == "error" else "loss (nats)"
+        ax.set(xlabel="interpolation coefficient α", ylabel=f"{split} {unit}",
                title=f"{split} {kind} along the path (mean over pairs)")
     bar = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=list(axes), ticks=range(len(times)))
     bar.ax.set_yticklabels([f"{t:g}" for t in times])

@@ -73,7 +73,7 @@ _VARIABLES = {
     "pair": "metrics between children spawn_a and spawn_b spawned at time t",
     "path": "metrics along the linear path from child spawn_a (alpha=0) to child spawn_b (alpha=1)",
     "kernel_distance": "NTK distance S(K_t, K_t') = 1 - <K_t, K_t'>_F / (|K_t|_F |K_t'|_F) of the parent",
-    "correlation": "rank correlation across spawn time of the per-time summaries of two metrics",
+    "correlation": "correlation across spawn time of the per-time summaries of two metrics (see attribute method)",
 }
 
 _COORDS = {
