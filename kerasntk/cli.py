@@ -13,6 +13,8 @@ def _config_args(parser):
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="override one config field, e.g. --set train.lr=0.05 (repeatable)")
     parser.add_argument("--out", help="run directory (default: runs/<dataset>_<model>_<config hash>)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="load the data, build the model and the grids, print the plan, train nothing")
 
 
 def build_parser():
@@ -63,9 +65,13 @@ def _dispatch(args, verbose):
     if args.command in ("run", "train"):
         config = cfg.load(args.config, args.overrides)
         run_dir = args.out or os.path.join("runs", config.run_name())
-        spawn.prepare_run_dir(config, run_dir)
         strategy = distribute.get_strategy(config.distribute.tpu, config.distribute.logical_cpus)
         experiment = spawn.Experiment(config, run_dir, strategy=strategy, verbose=verbose)
+        if args.dry_run:
+            for key, value in experiment.plan().items():
+                print(f"{key:12s} {value}")
+            return 0
+        spawn.prepare_run_dir(config, run_dir)
         if args.command == "train":
             experiment.train_parent()
             print(f"parent trained; checkpoints in {spawn.parent_dir(run_dir)}")

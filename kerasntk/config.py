@@ -54,6 +54,8 @@ def parse_duration(value, name="duration"):
         if not math.isfinite(value) or value < 0:
             raise ConfigError(f"{name}: {value!r} must be a finite number of epochs >= 0")
         return Duration(float(value), "ep")
+    if isinstance(value, str) and _is_float(value):
+        return parse_duration(float(value), name)
     match = _DURATION.match(value) if isinstance(value, str) else None
     if not match:
         raise ConfigError(
@@ -301,6 +303,14 @@ def validate_against(config, steps_per_epoch, num_replicas):
         steps = parse_duration(value).steps(steps_per_epoch)
         _check(steps <= total, name, value, f"a time within training (<= {t.length} = {total} steps)")
     return total
+
+
+def _is_float(text):
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _is_int(value):

@@ -89,6 +89,20 @@ class Experiment:
         self.train_subset = rng.permutation(len(self.arrays.x_train))[:la.train_examples]
         self.bn_subset = rng.permutation(len(self.arrays.x_train))[:la.bn_examples]
 
+    def plan(self):
+        """What the run will do, without training: data, model, grids and job counts (for --dry-run)."""
+        a, c = self.arrays, self.config
+        return dict(
+            dataset=f"{a.name}: {len(a.x_train)} train / {len(a.x_test)} test, input {a.input_shape}, {a.num_classes} classes",
+            model=f"{c.model.name}: {self.parent.model.count_params()} parameters",
+            strategy=f"{type(self.strategy).__name__} with {self.strategy.num_replicas_in_sync} replica(s)",
+            steps=f"{self.parent.total_steps} steps ({self.steps_per_epoch} per epoch)",
+            checkpoints=[round(s / self.steps_per_epoch, 4) for s in self.grid],
+            spawn_times=[round(s / self.steps_per_epoch, 4) for s in self.spawn_steps],
+            child_jobs=len(self.spawn_steps) * c.spawn.children,
+            probe=f"{len(self.x_probe)} examples",
+        )
+
     # parent -----------------------------------------------------------------------------------------------
 
     def train_parent(self):

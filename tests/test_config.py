@@ -38,7 +38,7 @@ def test_digest_names_equal_configs_alike():
 
 @pytest.mark.parametrize("text, expected", [
     ("30ep", cfg.Duration(30.0, "ep")), ("500it", cfg.Duration(500.0, "it")), (0.25, cfg.Duration(0.25, "ep")),
-    ("1.5e1ep", cfg.Duration(15.0, "ep")), (3, cfg.Duration(3.0, "ep")),
+    ("1.5e1ep", cfg.Duration(15.0, "ep")), (3, cfg.Duration(3.0, "ep")), ("0.3", cfg.Duration(0.3, "ep")),
 ])
 def test_durations_parse(text, expected):
     assert cfg.parse_duration(text) == expected

@@ -1,0 +1,134 @@
+"""The spawning experiment end to end on a tiny problem: schema, metric contract, kill-and-resume, dry runs."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+import xarray as xr
+
+from kerasntk import config as cfg
+from kerasntk import spawn
+from test_data import write_tfds_metadata
+from test_training import synthetic_arrays
+
+TINY = ["data.name=npz", "train.length=2ep", "train.batch_size=32", "train.steps_per_execution=4",
+        "checkpoints.log_num=0", "checkpoints.every=1ep", "spawn.times=[0, 0.5, 1]", "spawn.children=2",
+        "ntk.probe_size=20", "landscape.alphas=5", "landscape.train_examples=64", "landscape.bn_examples=64"]
+
+CONTRACT = {  # metric names other tools rely on (issue 3's CLI contract)
+    "parent": ["test_error", "test_loss", "train_error", "kernel_velocity", "kernel_distance_from_init",
+               "kernel_alignment"],
+    "child": ["test_error", "test_loss"],
+    "pair": ["error_barrier", "loss_barrier", "train_error_barrier", "disagreement", "js_divergence",
+             "weight_distance", "kernel_distance"],
+}
+
+
+@pytest.fixture(scope="module")
+def npz(tmp_path_factory):
+    arrays = synthetic_arrays(n_train=256, n_test=64, shape=(16, 1))
+    path = tmp_path_factory.mktemp("data") / "tiny.npz"
+    np.savez(path, x_train=arrays.x_train, y_train=arrays.y_train, x_test=arrays.x_test, y_test=arrays.y_test)
+    return path
+
+
+def tiny(npz, *extra):
+    return TINY + [f"data.path={npz}", *extra]
+
+
+@pytest.fixture(scope="module")
+def clean_run(tmp_path_factory, npz):
+    """One uninterrupted run of the tiny experiment, shared by the tests that inspect or compare with it."""
+    run_dir = tmp_path_factory.mktemp("clean")
+    return spawn.run(cfg.load(None, tiny(npz)), str(run_dir), verbose=0), run_dir
+
+
+def test_run_writes_the_schema_and_the_metric_contract(clean_run, npz):
+    ds, run_dir = clean_run
+    on_disk = xr.open_dataset(run_dir / "results.nc")
+    assert {"time", "spawn", "metric"} <= set(on_disk.dims)
+    assert on_disk.parent.dims == ("time", "metric") and on_disk.child.dims == ("time", "spawn", "metric")
+    for variable, names in CONTRACT.items():
+        missing = set(names) - set(on_disk[variable].dropna("metric", how="all").metric.values)
+        assert not missing, f"{variable} lacks {missing}"
+    spawn_times = [0.0, 0.5, 1.0]
+    child_error = ds.child.sel(metric="test_error").sel(time=spawn_times)
+    assert child_error.notnull().all() and ((0 <= child_error) & (child_error <= 1)).all()
+    barrier = ds.pair.sel(metric="error_barrier", time=spawn_times)
+    assert barrier.notnull().all()
+    assert ds.path.sel(metric="test_error").dropna("time", how="all").sizes["alpha"] == 5
+    assert np.allclose(np.diag(ds.kernel_distance.values), 0, atol=1e-12)
+    assert "config" in on_disk.attrs and cfg.from_dict(__import__("json").loads(on_disk.attrs["config"])) == cfg.load(None, tiny(npz))
+
+
+def _run_cli(out, npz):
+    args = [sys.executable, "-m", "kerasntk.cli", "-q", "run", "--out", str(out)]
+    for item in tiny(npz):
+        args += ["--set", item]
+    return args
+
+
+def _values(path):
+    ds = xr.load_dataset(path)
+    return {name: ds[name].values for name in ("parent", "child", "pair", "path", "kernel_distance")}
+
+
+def test_sigkill_anywhere_then_rerun_completes_without_recomputing(tmp_path, npz, clean_run):
+    """Killed once a first child result exists, then re-run: same numbers as the uninterrupted run."""
+    clean, killed = clean_run[1], tmp_path / "killed"
+    proc = subprocess.Popen(_run_cli(killed, npz), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first_child = killed / "results" / "child_s00000000_c0.nc"
+    deadline = time.time() + 600
+    while not first_child.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "results.nc").exists(), "the run finished before it could be killed"
+    done_before = {p: p.stat().st_mtime_ns for p in (killed / "results").glob("*.nc")}
+    assert done_before, "nothing was finished before the kill; the test proves nothing about skipping"
+    subprocess.run(_run_cli(killed, npz), check=True, timeout=900, capture_output=True)
+    assert {p: p.stat().st_mtime_ns for p in done_before} == done_before  # nothing finished was recomputed
+    a, b = _values(clean / "results.nc"), _values(killed / "results.nc")
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def test_rerun_of_a_finished_run_skips_every_job(tmp_path, npz):
+    config = cfg.load(None, tiny(npz, "spawn.times=[0.5]"))
+    spawn.run(config, str(tmp_path), verbose=0)
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "results").glob("*.nc")}
+    spawn.run(config, str(tmp_path), verbose=0)
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+
+def test_run_dir_with_another_config_is_refused(tmp_path, npz):
+    spawn.prepare_run_dir(cfg.load(None, tiny(npz)), str(tmp_path))
+    with pytest.raises(cfg.ConfigError, match="different config"):
+        spawn.prepare_run_dir(cfg.load(None, tiny(npz, "train.lr=0.2")), str(tmp_path))
+
+
+def test_paper_config_dry_run_on_mock_cifar10(tmp_path):
+    """The paper config builds its model, data pipeline (mock CIFAR-10) and grids without training."""
+    write_tfds_metadata(tmp_path, "cifar10", n_train=256, n_test=64)
+    config = cfg.load("configs/cifar10_resnet20.yaml", [f"data.data_dir={tmp_path}", "ntk.probe_size=100"])
+    with tfds.testing.mock_data(num_examples=256, policy=tfds.testing.MockPolicy.USE_FILES, data_dir=str(tmp_path)):
+        experiment = spawn.Experiment(config, str(tmp_path / "run"), verbose=0)
+    plan = experiment.plan()
+    assert experiment.arrays.input_shape == (32, 32, 3) and experiment.arrays.augment == "pad_crop_flip"
+    assert "resnet20: 27" in plan["model"]  # ResNet-20 with BatchNorm: ~0.27M parameters
+    assert plan["spawn_times"][0] == 0 and plan["child_jobs"] == 3 * len(plan["spawn_times"])
+    assert plan["checkpoints"][-1] == 200
+    assert not os.path.exists(tmp_path / "run" / "config.json")  # a dry run writes nothing
+
+
+def test_spawn_cli_rejects_a_time_off_the_grid(tmp_path, npz):
+    config = cfg.load(None, tiny(npz))
+    spawn.prepare_run_dir(config, str(tmp_path))
+    result = subprocess.run([sys.executable, "-m", "kerasntk.cli", "spawn", str(tmp_path), "--time", "0.3",
+                             "--child", "0"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "not a spawn time" in result.stderr and "Traceback" not in result.stderr
