@@ -17,6 +17,12 @@ log = logging.getLogger(__name__)
 
 STABLE_BARRIER = 0.02  # Frankle et al. 2020: a spawn is "stable" below this error barrier
 
+# metrics in the correlation figure (the paper's claim 4), when present; the Dataset holds all of them
+CORRELATED = ("error_barrier", "loss_barrier", "train_error_barrier", "disagreement", "js_divergence",
+              "weight_distance", "relative_weight_distance", "kernel_distance", "test_error", "kernel_velocity",
+              "kernel_velocity_per_lr", "kernel_distance_from_init", "kernel_distance_to_final", "kernel_alignment",
+              "linearized_test_error")
+
 
 def report(ds, out_dir):
     """Write every figure the Dataset supports to `out_dir` as PNG and PDF; return the written paths."""
@@ -75,7 +81,7 @@ def interpolation_curves(ds):
         ax.set(xlabel="interpolation coefficient α", ylabel=f"{split} {unit}",
                title=f"{split} {kind} along the path (mean over pairs)")
     bar = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=list(axes), ticks=range(len(times)))
-    bar.ax.set_yticklabels([f"{t:g}" for t in times])
+    bar.ax.set_yticklabels([f"{t:.3g}" for t in times])
     bar.set_label("spawn time (epoch)")
     return fig
 
@@ -115,13 +121,14 @@ def kernel_distance_matrix(ds):
 
 
 def correlation_matrix(ds):
-    """Spearman correlation across spawn time between every pair of metrics with enough data."""
+    """Spearman correlation across spawn time between the key metrics (CORRELATED) with enough data."""
     if "correlation" not in ds:
         return _skip("correlation_matrix", "correlation")
     corr = ds["correlation"]
-    keep = [str(m) for m in corr["metric"].values if np.isfinite(corr.sel(metric=m).values).sum() > 1]
+    keep = [m for m in CORRELATED if m in corr["metric"].values and np.isfinite(corr.sel(metric=m).values).sum() > 1]
     if len(keep) < 2:
-        return _skip("correlation_matrix", "two metrics with finite correlations")
+        return _skip("correlation_matrix", "two key metrics with finite correlations")
+    spawn_times = _spawn_count(ds)
     values = corr.sel(metric=keep, metric_b=keep).values
     size = 0.6 * len(keep) + 3
     fig, (ax,) = _figure(1, "How the metrics move together across spawn time", size=(size + 1, size))
@@ -133,8 +140,9 @@ def correlation_matrix(ds):
     ax.set_xticks(range(len(keep)), labels, rotation=60, ha="right", fontsize=8)
     ax.set_yticks(range(len(keep)), labels, fontsize=8)
     ax.set(xlabel="metric", ylabel="metric")
-    ax.set_title(f"{corr.attrs.get('method', 'spearman').capitalize()} correlation of per-spawn-time summaries\n"
-                 "(pair metrics: mean over pairs; child metrics: mean over children)", fontsize=9)
+    ax.set_title(f"{corr.attrs.get('method', 'spearman').capitalize()} correlation over {spawn_times} spawn times "
+                 "of per-time summaries\n(pair metrics: mean over pairs; child metrics: mean over children)",
+                 fontsize=9)
     fig.colorbar(image, ax=ax, label="correlation (1)")
     return fig
 
@@ -147,7 +155,7 @@ def child_error_vs_spawn_time(ds):
     _mean_and_spread(ax, ds["child"].sel(metric="test_error"), "spawn", "C0", "children (mean, min–max, each)")
     if _has(ds, "parent", "test_error"):
         final = ds["parent"].sel(metric="test_error").dropna("time")
-        ax.axhline(final[-1], color="k", ls="--", lw=1, label=f"parent at t = {final['time'].values[-1]:g} epoch")
+        ax.axhline(final[-1], color="k", ls="--", lw=1, label=f"parent at t = {final['time'].values[-1]:.3g} epoch")
     _spawn_time_axis(ax, ds)
     ax.set(ylabel="final test error (0–1)", title="Children's final test error vs spawn time")
     ax.legend(fontsize=8)
@@ -183,6 +191,15 @@ _FIGURES = (("barrier_vs_spawn_time", barrier_vs_spawn_time), ("interpolation_cu
 def _has(ds, var, metric):
     """True when variable `var` holds a finite value of `metric`."""
     return var in ds and metric in ds["metric"].values and bool(ds[var].sel(metric=metric).notnull().any())
+
+
+def _spawn_count(ds):
+    """Number of times at which children or pairs have results."""
+    spawned = np.zeros(ds.sizes["time"], bool)
+    for var in ("child", "pair"):
+        if var in ds:
+            spawned |= ds[var].notnull().any([d for d in ds[var].dims if d != "time"]).values
+    return int(spawned.sum())
 
 
 def _skip(figure, missing):
@@ -235,4 +252,4 @@ def _time_ticks(set_ticks, set_labels, times, most=8):
     """Tick at most `most` of the times on an index axis, labelled with their values."""
     idx = np.unique(np.linspace(0, len(times) - 1, min(most, len(times))).round().astype(int))
     set_ticks(idx)
-    set_labels([f"{times[i]:g}" for i in idx])
+    set_labels([f"{times[i]:.3g}" for i in idx])

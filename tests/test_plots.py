@@ -66,6 +66,9 @@ def test_figures_are_labelled(run):
             if ax.get_label() == "<colorbar>":
                 continue
             assert ax.get_title() and ax.get_xlabel() and ax.get_ylabel(), (name, ax.get_title())
+    labels = [t.get_text() for t in plots.correlation_matrix(ds).axes[0].get_yticklabels()]
+    assert labels[0] == "error_barrier (pair)" and "test_error (child)" in labels  # key metrics, with source
+    assert all(label.split(" (")[0] in plots.CORRELATED for label in labels)
     barrier_axes = plots.barrier_vs_spawn_time(ds).axes[0]
     assert barrier_axes.get_xscale() == "symlog"  # spawn time 0 stays on the log-like axis
     assert {t.get_text() for t in barrier_axes.get_legend().get_texts()} >= {"test set", "train set"}
