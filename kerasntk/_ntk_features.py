@@ -174,17 +174,29 @@ class Features:
         return jac
 
     def _layer_jacobian(self, op, call_args, grads, n):
-        """Per-example Jacobian of one layer's own trainable variables, vectorized (pfor) over O·N rows."""
+        """Per-example Jacobian of one layer's own trainable variables: its VJP on one example, vectorized
+        (pfor) over the O·N (example, logit) rows, so memory stays linear in N."""
         args, kwargs = call_args
+        o, call = self.out_dim, operation_fn(op, training=False)
+        leaves = tf.nest.flatten((args, kwargs))
+        batched = [i for i, leaf in enumerate(leaves) if tf.is_tensor(leaf)]
+        tiled = [tf.tile(leaves[i], [o] + [1] * (leaves[i].shape.rank - 1)) for i in batched]  # row a·N + i
+        cotangents = [tf.reshape(g, (o * n, *g.shape[2:])) for g in grads]
         variables = [v.value for v in _trainable(op)]
-        with tf.GradientTape() as tape:
-            out = tf.nest.flatten(operation_fn(op, training=False)(*args, **kwargs))
-            rows = sum(
-                tf.einsum("nf,anf->an", tf.reshape(o, (n, -1)), tf.reshape(tf.cast(g, o.dtype), (g.shape[0], n, -1)))
-                for o, g in zip(out, grads)
-            )
-        jac = tape.jacobian(rows, variables, unconnected_gradients="zero", experimental_use_pfor=True)
-        return tf.concat([tf.reshape(tf.transpose(j, [1, 0] + list(range(2, j.shape.rank))), (n, self.out_dim, -1)) for j in jac], axis=-1)
+
+        def one_row(row):
+            inputs, cots = row
+            values = list(leaves)
+            for i, t in zip(batched, inputs):
+                values[i] = t[None]
+            row_args, row_kwargs = tf.nest.pack_sequence_as((args, kwargs), values)
+            with tf.GradientTape() as tape:
+                out = tf.nest.flatten(call(*row_args, **row_kwargs))
+            vjp = tape.gradient(out, variables, output_gradients=[c[None] for c in cots], unconnected_gradients="zero")
+            return tf.concat([tf.reshape(g, (-1,)) for g in vjp], axis=0)
+
+        jac = tf.vectorized_map(one_row, (tiled, cotangents))  # (O·N, F)
+        return tf.transpose(tf.reshape(jac, (o, n, -1)), [1, 0, 2])
 
     def contract(self, f1, f2, trace):
         """Kernel block from two blocks' features: (N1, N2, O, O), or (N1, N2) averaged over logits if trace."""

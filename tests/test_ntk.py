@@ -1,0 +1,389 @@
+"""Tests of kerasntk.ntk against independent references: a per-example per-logit tape.gradient loop,
+central finite differences (float64), closed forms for the kernel metrics, and MirroredStrategy."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from keras import layers
+
+from kerasntk import models, ntk
+
+# Tiny versions of every zoo model: together they cover Dense, Conv1D/Conv2D with strides, BatchNorm in
+# inference mode (with non-trivial moving statistics), residual Add, projections, average/global pooling.
+ZOO = {
+    "mlp": ((5,), dict(hidden=(4, 3))),
+    "cnn": ((6, 6, 2), dict(channels=3)),
+    "cnn1d": ((12, 1), dict(channels=3, batchnorm=True)),
+    "resnet20": ((8, 8, 3), dict(depth=8)),
+    "wide_resnet": ((8, 8, 3), dict(depth=10, width=1)),
+}
+O = 3  # logits of the test models
+# float64 throughout: the references agree with the engine to ~1e-15 relative; 1e-9 leaves room for
+# summation-order differences over up to 1e5 parameters while still catching any missing term.
+TIGHT = dict(rtol=1e-9)
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    """Build every test model in float64 so that references are exact to rounding."""
+    floatx, policy = keras.config.floatx(), keras.config.dtype_policy().name
+    _set_float("float64")
+    yield
+    keras.config.set_floatx(floatx)
+    keras.config.set_dtype_policy(policy)
+
+
+def _set_float(dtype):
+    """Keras caches the global dtype policy on first use, so set it along with floatx."""
+    keras.config.set_floatx(dtype)
+    keras.config.set_dtype_policy(dtype)
+
+
+def _randomize(model, seed=0):
+    """Random weights and BatchNorm moving statistics, so inference-mode BatchNorm is not the identity."""
+    rng = np.random.default_rng(seed)
+    for w in model.weights:
+        scale = 1 / np.sqrt(np.prod(w.shape[:-1]) or 1)
+        value = rng.uniform(0.5, 1.5, w.shape) if "variance" in w.path else rng.normal(scale=scale, size=w.shape)
+        w.assign(value)
+    return model
+
+
+def _zoo(name, seed=0):
+    shape, kw = ZOO[name]
+    return _randomize(models.get(name, shape, O, **kw), seed), shape
+
+
+def _naive_jacobian(model, x):
+    """J (N, O, P) by a Python loop of tape.gradient per example and per logit (trainable variables only)."""
+    rows = []
+    for i in range(len(x)):
+        per_logit = []
+        for a in range(O):
+            with tf.GradientTape() as tape:
+                y = model(x[i : i + 1], training=False)[0, a]
+            grads = tape.gradient(y, model.trainable_variables, unconnected_gradients="zero")
+            per_logit.append(np.concatenate([np.ravel(g) for g in grads]))
+        rows.append(per_logit)
+    return np.array(rows)
+
+
+def _fd_jacobian(model, x, h=1e-6):
+    """J (N, O, P) by central differences on the flattened trainable parameters (error O(h²) + O(ε/h))."""
+    variables = model.trainable_variables
+    flat = np.concatenate([np.ravel(v) for v in variables])
+    sizes = np.cumsum([0] + [int(np.prod(v.shape)) for v in variables])
+    forward = tf.function(lambda: model(tf.constant(x), training=False))
+
+    def f(w):
+        for v, a, b in zip(variables, sizes[:-1], sizes[1:]):
+            v.assign(w[a:b].reshape(v.shape))
+        return forward().numpy()
+
+    cols = []
+    for p in range(flat.size):
+        step = np.zeros_like(flat)
+        step[p] = h
+        cols.append((f(flat + step) - f(flat - step)) / (2 * h))
+    f(flat)
+    return np.stack(cols, axis=-1)
+
+
+def _kernel(j1, j2, trace):
+    k = np.einsum("iap,jbp->ijab", j1, j2)
+    return np.einsum("ijaa->ij", k) / O if trace else k
+
+
+def _close(actual, expected, rtol):
+    """Entrywise agreement relative to the kernel's scale (entries near zero cannot meet a pure rtol)."""
+    assert actual.shape == expected.shape
+    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=rtol * np.abs(expected).max())
+
+
+def _zoo_inputs(name):
+    model, shape = _zoo(name)
+    rng = np.random.default_rng(1)
+    x1, x2 = rng.normal(size=(3, *shape)), rng.normal(size=(2, *shape))
+    return model, x1, x2, _naive_jacobian(model, x1), _naive_jacobian(model, x2)
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_structured_matches_naive_reference(name):
+    """Full and trace kernels, x2 given or not, one block or padded blocks, agree with the tape loop."""
+    model, x1, x2, j1, j2 = _zoo_inputs(name)
+    full = ntk.empirical_ntk_fn(model, trace_axes=())
+    blocked = ntk.empirical_ntk_fn(model, trace_axes=(-1,), batch_size=2)
+    _close(full(x1, x2), _kernel(j1, j2, False), **TIGHT)
+    _close(full(x1), _kernel(j1, j1, False), **TIGHT)
+    _close(blocked(x1), _kernel(j1, j1, True), **TIGHT)
+    _close(blocked(x1, x2), _kernel(j1, j2, True), **TIGHT)
+
+
+# The per-layer pfor Jacobians and the Θv loop trace slowly: cnn1d (Conv1D + BatchNorm) by default, the rest slow.
+OTHER_IMPLEMENTATIONS = [
+    pytest.param(name, marks=() if name == "cnn1d" else pytest.mark.slow) for name in ZOO
+]
+
+
+@pytest.mark.parametrize("implementation", ["jacobian", "ntk_vp"])
+@pytest.mark.parametrize("name", OTHER_IMPLEMENTATIONS)
+def test_other_implementations_match_naive_reference(name, implementation):
+    model, x1, x2, j1, j2 = _zoo_inputs(name)
+    _close(ntk.empirical_ntk_fn(model, trace_axes=(), implementation=implementation)(x1, x2), _kernel(j1, j2, False), **TIGHT)
+    blocked = ntk.empirical_ntk_fn(model, implementation=implementation, batch_size=2)
+    _close(blocked(x1), _kernel(j1, j1, True), **TIGHT)
+
+
+def _mixed_model():
+    """A functional model with what the zoo lacks: activations inside Dense/Conv, dilation, valid padding,
+    a frozen layer (must not count), a layer shared by two branches, max pooling and concatenation."""
+    inputs = keras.Input((7, 7, 2))
+    x = layers.Conv2D(3, 3, strides=2, padding="valid", activation="tanh")(inputs)
+    y = layers.Conv2D(3, 2, dilation_rate=2, padding="same")(inputs)
+    y = layers.MaxPooling2D(2)(layers.BatchNormalization()(y))
+    x = layers.Flatten()(x)
+    y = layers.Flatten()(y)
+    shared = layers.Dense(4, activation="relu")
+    frozen = layers.Dense(3, trainable=False)
+    z = layers.Concatenate()([shared(layers.Dense(5)(x)), shared(layers.Dense(5)(y)), frozen(x)])
+    return _randomize(keras.Model(inputs, layers.Dense(O, activation="sigmoid")(z)))
+
+
+def _conv1d_model():
+    """Conv1D with stride, valid and same padding, a Dense on a 3-D tensor (applied per position)."""
+    inputs = keras.Input((9, 2))
+    x = layers.Conv1D(3, 3, strides=2, padding="valid", activation="relu")(inputs)
+    x = layers.Conv1D(2, 2, padding="same")(x)
+    x = layers.Dense(3, activation="tanh")(x)
+    return _randomize(keras.Model(inputs, layers.Dense(O)(layers.Flatten()(x))))
+
+
+class _Subclassed(keras.Model):
+    """A model without a functional graph: "auto" must fall back to the whole-model Jacobian."""
+
+    def __init__(self):
+        super().__init__(name="subclassed")
+        self.hidden, self.out = layers.Dense(4, activation="tanh"), layers.Dense(O)
+
+    def call(self, x, training=False):
+        return self.out(self.hidden(x))
+
+
+FD_MODELS = {
+    "mlp": lambda: _zoo("mlp")[0],
+    "cnn": lambda: _zoo("cnn")[0],
+    "cnn1d": lambda: _zoo("cnn1d")[0],
+    "mixed": _mixed_model,
+    "conv1d": _conv1d_model,
+}
+
+
+@pytest.mark.parametrize("name", list(FD_MODELS))
+def test_matches_central_finite_differences(name):
+    """Every implementation equals J Jᵀ with J from central differences; rtol 1e-6 covers the O(h²)
+    truncation (~1e-12) and the O(ε/h) rounding (~1e-10) of h = 1e-6 in float64."""
+    model = FD_MODELS[name]()
+    x = np.random.default_rng(2).normal(size=(3, *model.inputs[0].shape[1:]))
+    j = _fd_jacobian(model, x)
+    for implementation in ("structured", "jacobian") if name == "mixed" else ("structured",):
+        fn = ntk.empirical_ntk_fn(model, trace_axes=(), implementation=implementation)
+        _close(fn(x), _kernel(j, j, False), rtol=1e-6)
+
+
+def test_frozen_and_shared_layers_against_naive():
+    """Trainable variables only (the frozen Dense is excluded) and shared-layer Jacobians add."""
+    model = _mixed_model()
+    x = np.random.default_rng(3).normal(size=(4, 7, 7, 2))
+    j = _naive_jacobian(model, x)
+    assert j.shape[-1] == sum(int(np.prod(v.shape)) for v in model.trainable_variables)
+    _close(ntk.empirical_ntk_fn(model, trace_axes=(), batch_size=3)(x), _kernel(j, j, False), **TIGHT)
+
+
+def test_subclassed_model_uses_whole_model_jacobian():
+    model = _Subclassed()
+    x = np.random.default_rng(4).normal(size=(3, 5))
+    model(x)
+    fn = ntk.empirical_ntk_fn(model, trace_axes=())
+    assert fn.implementation == "jacobian"
+    j = _naive_jacobian(model, x)
+    _close(fn(x), _kernel(j, j, False), **TIGHT)
+    with pytest.raises(ValueError, match="functional or Sequential"):
+        ntk.empirical_ntk_fn(model, implementation="structured")
+
+
+def test_sequential_model_is_structured():
+    model = _randomize(keras.Sequential([keras.Input((4,)), layers.Dense(3, activation="relu"), layers.Dense(O)]))
+    x = np.random.default_rng(5).normal(size=(3, 4))
+    fn = ntk.empirical_ntk_fn(model, trace_axes=())
+    assert fn.implementation == "structured"
+    j = _naive_jacobian(model, x)
+    _close(fn(x), _kernel(j, j, False), **TIGHT)
+
+
+def test_ntk_vp_fn_matches_kernel_product():
+    model, shape = _zoo("cnn")
+    rng = np.random.default_rng(6)
+    x1, x2, v = rng.normal(size=(3, *shape)), rng.normal(size=(4, *shape)), rng.normal(size=(4, O))
+    k = _kernel(_naive_jacobian(model, x1), _naive_jacobian(model, x2), False)
+    _close(np.asarray(ntk.ntk_vp_fn(model, x1, x2)(tf.constant(v))), np.einsum("ijab,jb->ia", k, v), **TIGHT)
+
+
+def test_float64_contraction_of_float32_model():
+    """dtype sets the contraction and result dtype; a float32 model's kernel agrees to float32 rounding."""
+    _set_float("float32")
+    model = _randomize(models.get("mlp", (5,), O, hidden=(4, 3)))
+    x = np.random.default_rng(7).normal(size=(3, 5)).astype("float32")
+    k64 = ntk.empirical_ntk_fn(model, dtype="float64")(x)
+    k32 = ntk.empirical_ntk_fn(model)(x)
+    assert k64.dtype == np.float64 and k32.dtype == np.float32
+    _close(k32.astype(np.float64), k64, rtol=1e-5)  # float32 products of ~1e2 terms
+
+
+@pytest.mark.parametrize("name", ["cnn1d", pytest.param("resnet20", marks=pytest.mark.slow)])
+def test_mirrored_strategy_matches_single_device(name):
+    """Block pairs spread over 2 logical CPUs (odd pair count: the last round is padded) give the same kernel."""
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    with strategy.scope():
+        model, shape = _zoo(name)
+    rng = np.random.default_rng(8)
+    x1, x2 = rng.normal(size=(3, *shape)), rng.normal(size=(5, *shape))
+    for trace_axes in ((), (-1,)):
+        kw = dict(trace_axes=trace_axes, batch_size=2)
+        for args in ((x1,), (x1, x2)):
+            expected = ntk.empirical_ntk_fn(model, **kw)(*args)
+            _close(ntk.empirical_ntk_fn(model, strategy=strategy, **kw)(*args), expected, **TIGHT)
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".nc"])
+def test_kernel_written_block_by_block_to_disk(tmp_path, suffix):
+    model, shape = _zoo("mlp")
+    x = np.random.default_rng(9).normal(size=(5, *shape))
+    fn = ntk.empirical_ntk_fn(model, trace_axes=(), batch_size=2)
+    path = str(tmp_path / f"kernel{suffix}")
+    lazy = fn(x, out=path)
+    assert not isinstance(lazy, np.ndarray) or isinstance(lazy, np.memmap)
+    np.testing.assert_array_equal(np.asarray(ntk.open_kernel(path)), fn(x))
+    np.testing.assert_array_equal(np.asarray(lazy[1:3, 4]), fn(x)[1:3, 4])
+
+
+def test_bad_arguments_are_named():
+    model, shape = _zoo("mlp")
+    with pytest.raises(ValueError, match="trace_axes"):
+        ntk.empirical_ntk_fn(model, trace_axes=(0,))
+    with pytest.raises(ValueError, match="implementation must be one of"):
+        ntk.empirical_ntk_fn(model, implementation="fast")
+    with pytest.raises(ValueError, match="batch_size"):
+        ntk.empirical_ntk_fn(model, batch_size=0)
+    with pytest.raises(ValueError, match="floating dtype"):
+        ntk.empirical_ntk_fn(model, dtype="int32")
+    with pytest.raises(ValueError, match=r"\.npy or \.nc"):
+        ntk.empirical_ntk_fn(model)(np.zeros((2, *shape)), out="kernel.txt")
+
+
+# ------------------------------------------------------------------------------------------- metrics
+
+
+def _psd(n, seed=0, o=None):
+    """A random positive semi-definite trace (n, n) or full (n, n, o, o) kernel."""
+    rng = np.random.default_rng(seed)
+    a = rng.normal(size=(n * (o or 1), 7))
+    m = a @ a.T
+    return m if o is None else m.reshape(n, o, n, o).transpose(0, 2, 1, 3)
+
+
+@pytest.mark.parametrize("o", [None, 3])
+def test_kernel_distance_closed_forms(o):
+    K = _psd(6, o=o)
+    assert abs(ntk.kernel_distance(K, 3.5 * K)) < 1e-14
+    assert abs(ntk.kernel_distance(K, -K) - 2) < 1e-14
+    K2 = _psd(6, seed=1, o=o)
+    expected = 1 - np.sum(K * K2) / np.sqrt(np.sum(K * K) * np.sum(K2 * K2))
+    assert abs(ntk.kernel_distance(K, K2) - expected) < 1e-14
+
+
+def test_metrics_reduce_in_float64():
+    """S(K, K) of a large float32 kernel is 0 to float64 rounding (float32 sums would leave ~1e-7)."""
+    K = np.random.default_rng(0).uniform(size=(700, 700)).astype(np.float32)
+    assert abs(ntk.kernel_distance(K, K)) < 1e-12
+
+
+@pytest.mark.parametrize("centered", [True, False])
+def test_alignment_of_label_kernel_with_itself_is_one(centered):
+    y = np.array([0, 1, 2, 1, 0, 2, 2])
+    Y = np.eye(3)[y]
+    assert abs(ntk.kernel_alignment(Y @ Y.T, y, centered=centered) - 1) < 1e-12
+    full = np.einsum("ia,jb->ijab", Y, Y)  # vec(Y)vec(Y)ᵀ as (N, N, O, O)
+    assert abs(ntk.kernel_alignment(full, Y, centered=centered) - 1) < 1e-12
+
+
+def test_centered_alignment_closed_form():
+    """Against the definition with explicit H = I − 11ᵀ/N (Cortes et al. 2012)."""
+    K, y = _psd(5), np.array([0, 1, 1, 0, 1])
+    H = np.eye(5) - 1 / 5
+    Y = np.eye(2)[y]
+    Kc, Tc = H @ K @ H, H @ Y @ Y.T @ H
+    expected = np.sum(Kc * Tc) / (np.linalg.norm(Kc) * np.linalg.norm(Tc))
+    assert abs(ntk.kernel_alignment(K, y) - expected) < 1e-12
+
+
+@pytest.mark.parametrize("o", [None, 2])
+def test_metrics_invariant_to_example_permutation(o):
+    K, K2 = _psd(6, o=o), _psd(6, seed=3, o=o)
+    y = np.array([0, 1, 1, 0, 1, 0])
+    perm = np.random.default_rng(1).permutation(6)
+    p = lambda k: k[perm][:, perm]  # noqa: E731
+    yp = y[perm]
+    assert abs(ntk.kernel_distance(p(K), p(K2)) - ntk.kernel_distance(K, K2)) < 1e-12
+    if o is None:
+        assert abs(ntk.kernel_alignment(p(K), yp) - ntk.kernel_alignment(K, y)) < 1e-12
+    np.testing.assert_allclose(ntk.eigenvalues(p(K), 4), ntk.eigenvalues(K, 4), rtol=1e-10)
+    assert abs(ntk.effective_rank(p(K)) - ntk.effective_rank(K)) < 1e-10
+
+
+def test_spectrum_closed_forms():
+    lam = np.array([5.0, 3.0, 2.0, 0.0])
+    q, _ = np.linalg.qr(np.random.default_rng(0).normal(size=(4, 4)))
+    K = q @ np.diag(lam) @ q.T
+    np.testing.assert_allclose(ntk.eigenvalues(K, 3), [5, 3, 2], atol=1e-12)
+    p = lam[:3] / lam.sum()
+    assert abs(ntk.effective_rank(K) - np.exp(-np.sum(p * np.log(p)))) < 1e-10
+    assert abs(ntk.effective_rank(np.eye(6)) - 6) < 1e-10
+    assert abs(ntk.effective_rank(np.ones((6, 6))) - 1) < 1e-10
+    with pytest.raises(ValueError, match="k must be"):
+        ntk.eigenvalues(K, 5)
+
+
+def test_velocity_and_trajectory_metrics():
+    kernels = [_psd(4, seed=s) for s in range(4)]
+    times = np.array([0.0, 0.5, 1.5, 3.0])
+    lrs = np.array([0.1, 0.1, 0.05, 0.01])
+    y = np.array([0, 1, 0, 1])
+    v = ntk.kernel_velocity(kernels, times)
+    for i in range(3):
+        assert abs(v[i] - ntk.kernel_distance(kernels[i], kernels[i + 1]) / (times[i + 1] - times[i])) < 1e-14
+    assert np.isnan(v[-1])
+    metrics, S = ntk.trajectory_metrics(kernels, times, y, learning_rates=lrs)
+    assert S.shape == (4, 4) and np.allclose(S, S.T) and np.all(np.diag(S) == 0)
+    assert abs(S[1, 3] - ntk.kernel_distance(kernels[1], kernels[3])) < 1e-14
+    np.testing.assert_allclose(metrics["kernel_velocity"], v, rtol=1e-14)
+    np.testing.assert_allclose(metrics["kernel_velocity_per_lr"][:3], v[:3] / lrs[:3], rtol=1e-14)
+    np.testing.assert_allclose(metrics["kernel_distance_from_init"], S[0])
+    np.testing.assert_allclose(metrics["kernel_distance_to_final"], S[:, -1])
+    assert metrics["kernel_alignment"][2] == ntk.kernel_alignment(kernels[2], y)
+    assert metrics["kernel_alignment_uncentered"][2] == ntk.kernel_alignment(kernels[2], y, centered=False)
+    assert metrics["kernel_effective_rank"][0] == ntk.effective_rank(kernels[0])
+    assert all(m.shape == (4,) for m in metrics.values())
+    assert np.all(np.isnan(ntk.trajectory_metrics(kernels, times, y)[0]["kernel_velocity_per_lr"]))
+
+
+def test_metric_errors_are_named():
+    K = _psd(4)
+    with pytest.raises(ValueError, match="same shape"):
+        ntk.kernel_distance(K, _psd(5))
+    with pytest.raises(ValueError, match="strictly increasing"):
+        ntk.kernel_velocity([K, K], [1.0, 1.0])
+    with pytest.raises(ValueError, match="trace kernel"):
+        ntk.effective_rank(np.zeros((2, 3)))
+    with pytest.raises(ValueError, match="y must be"):
+        ntk.kernel_alignment(K, np.zeros((3,), int))
