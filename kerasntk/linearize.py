@@ -28,11 +28,39 @@ def _forward_jvp(fn, primals, tangents):
     return y, tf.nest.map_structure(lambda t: acc.jvp(t, unconnected_gradients=_ZERO), y)
 
 
-def _forward_jvp_hvp(fn, primals, tangents):
-    """(fn(), J·t, tᵀ H t) by nested forward accumulators (forward-over-forward) along the same tangents t."""
-    with tf.autodiff.ForwardAccumulator(primals, tangents) as outer:
-        y, jvp = _forward_jvp(fn, primals, tangents)
-    return y, jvp, tf.nest.map_structure(lambda t: outer.jvp(t, unconnected_gradients=_ZERO), jvp)
+def _transpose_jvp(fn, primals, tangents):
+    """(fn(), J·tangents) by transposing the VJP u ↦ Jᵀu (linear in u) in the same graph.
+
+    XLA-friendly: TF's forward accumulator computes each op's JVP in a nested function whose backward pass hands
+    shape tensors across the function boundary, which makes XLA treat every input as a compile-time constant and
+    recompile at each step (seen with jit_compile=True on TF 2.21). Here everything stays in one graph.
+    """
+    with tf.GradientTape(watch_accessed_variables=False) as forward:
+        forward.watch(primals)
+        y = fn()
+    dummy = tf.nest.map_structure(tf.zeros_like, y)  # any value: Jᵀu is linear in u
+    with tf.GradientTape(watch_accessed_variables=False) as transpose:
+        transpose.watch(dummy)
+        vjp = forward.gradient(y, primals, output_gradients=dummy, unconnected_gradients=_ZERO)
+    return y, transpose.gradient(vjp, dummy, output_gradients=tangents, unconnected_gradients=_ZERO)
+
+
+_JVP = {"forward": _forward_jvp, "transpose": _transpose_jvp}
+
+
+def _taylor_terms(fn, primals, tangents, order, jvp):
+    """[fn(), J·t] for order 1, [fn(), J·t, tᵀHt] for order 2 (the JVP of t ↦ J·t: nested JVPs)."""
+    jvp = _JVP[jvp]
+    if order == 1:
+        return list(jvp(fn, primals, tangents))
+    values = {}
+
+    def first_order():
+        values["y"], jt = jvp(fn, primals, tangents)
+        return jt
+
+    jt, hess = jvp(first_order, primals, tangents)
+    return [values["y"], jt, hess]
 
 
 def _call_with(model, variables, values, inputs):
@@ -49,8 +77,9 @@ class Linearized(keras.Model):
     shapes) are the only trainable weights. Build instances with `linearize`.
     """
 
-    def __init__(self, base, primal_index, order=1, **kwargs):
+    def __init__(self, base, primal_index, order=1, jvp="auto", **kwargs):
         super().__init__(**kwargs)
+        self.jvp = jvp
         # Hand inputs to the base network untouched, so it casts them exactly as it does when called alone.
         self._convert_input_args = False
         self._allow_non_tensor_positional_args = True
@@ -86,15 +115,20 @@ class Linearized(keras.Model):
         # Watch plain tensors, not variable handles: nested accumulators cannot differentiate handle reads.
         primals = [tf.identity(v.value) for v in variables]
         tangents = [tf.convert_to_tensor(d.value) for d in self.deltas]
+        terms = _taylor_terms(
+            lambda: _call_with(self.base, variables, primals, inputs), primals, tangents, self.order, self._jvp_method()
+        )
+        if self.order == 2:
+            terms[2] = tf.nest.map_structure(lambda h: 0.5 * h, terms[2])
+        return tf.nest.map_structure(lambda *parts: tf.add_n(list(parts)), *terms)
 
-        def forward():
-            return _call_with(self.base, variables, primals, inputs)
-
-        if self.order == 1:
-            y, jvp = _forward_jvp(forward, primals, tangents)
-            return tf.nest.map_structure(lambda a, b: a + b, y, jvp)
-        y, jvp, hvp = _forward_jvp_hvp(forward, primals, tangents)
-        return tf.nest.map_structure(lambda a, b, c: a + b + 0.5 * c, y, jvp, hvp)
+    def _jvp_method(self):
+        """"forward" (tf.autodiff.ForwardAccumulator) unless `jvp` or an XLA compile (`compile(jit_compile=True)`,
+        TPUStrategy) asks for "transpose"."""
+        if self.jvp != "auto":
+            return self.jvp
+        xla = getattr(self, "_jit_compile", None) is True or "TPU" in type(tf.distribute.get_strategy()).__name__
+        return "transpose" if xla else "forward"
 
 
 def _frozen_copy(model, weights):
@@ -119,18 +153,24 @@ def _frozen_copy(model, weights):
     return base
 
 
-def linearize(model, weights=None, order=1):
+def linearize(model, weights=None, order=1, jvp="auto"):
     """The linearized network f(x; w_t) + J(x; w_t)·Δw as a `Linearized` keras.Model (order=2 adds ½ΔwᵀHΔw).
 
     w_t is a snapshot: `weights` (a list of arrays in `model.weights` order, e.g. a checkpoint) or the model's
     current values; later training of `model` does not change the result. Δw (the only trainable weights) starts
-    at zero, one variable per trainable variable of `model` in the same order. J·Δw is computed in forward mode
-    (`tf.autodiff.ForwardAccumulator`); order=2 (beyond the paper's linear model) uses nested accumulators. Call
-    it inside `strategy.scope()` to train under a tf.distribute strategy. `model` must be built (Functional or
-    Sequential, or a subclassed model that `keras.models.clone_model` can rebuild).
+    at zero, one variable per trainable variable of `model` in the same order. Call it inside `strategy.scope()`
+    to train under a tf.distribute strategy. `model` must be built (Functional or Sequential, or a subclassed
+    model that `keras.models.clone_model` can rebuild). order=2 (beyond the paper's linear model) nests two JVPs.
+
+    jvp: "forward" computes J·Δw in forward mode with `tf.autodiff.ForwardAccumulator`; "transpose" transposes
+    the VJP in one graph (same numbers, needed under XLA, where the accumulator recompiles at every step);
+    "auto" (default) uses "transpose" when compiled with `jit_compile=True` or under TPUStrategy, else
+    "forward". Pass "transpose" when calling the model inside your own `tf.function(jit_compile=True)`.
     """
     if order not in (1, 2):
         raise ValueError(f"order must be 1 (linear) or 2 (quadratic), got {order!r}")
+    if jvp not in ("auto", *_JVP):
+        raise ValueError(f"jvp must be 'auto', 'forward' or 'transpose', got {jvp!r}")
     if not isinstance(model, keras.Model) or not model.built:
         raise ValueError(f"model must be a built keras.Model, got {type(model).__name__}")
     if not model.trainable_variables:
@@ -138,7 +178,7 @@ def linearize(model, weights=None, order=1):
     by_id = {id(v): i for i, v in enumerate(model.weights)}
     primal_index = [by_id[id(v)] for v in model.trainable_variables]  # trainable_variables order
     base = _frozen_copy(model, weights)
-    lin = Linearized(base, primal_index, order=order, name=f"{model.name}_linearized")
+    lin = Linearized(base, primal_index, order=order, jvp=jvp, name=f"{model.name}_linearized")
     lin.build(getattr(base, "input_shape", None))
     return lin
 
