@@ -49,7 +49,7 @@ _JVP = {"forward": _forward_jvp, "transpose": _transpose_jvp}
 
 
 def _taylor_terms(fn, primals, tangents, order, jvp):
-    """[fn(), J·t] for order 1, [fn(), J·t, tᵀHt] for order 2 (the JVP of t ↦ J·t: nested JVPs)."""
+    """[fn(), J·t] for order 1, [fn(), J·t, tᵀHt] for order 2 (the JVP of w ↦ J(w)·t: nested JVPs)."""
     jvp = _JVP[jvp]
     if order == 1:
         return list(jvp(fn, primals, tangents))
@@ -123,12 +123,12 @@ class Linearized(keras.Model):
         return tf.nest.map_structure(lambda *parts: tf.add_n(list(parts)), *terms)
 
     def _jvp_method(self):
-        """"forward" (tf.autodiff.ForwardAccumulator) unless `jvp` or an XLA compile (`compile(jit_compile=True)`,
-        TPUStrategy) asks for "transpose"."""
+        """"forward" (tf.autodiff.ForwardAccumulator) for order 1 unless `jvp` or an XLA compile
+        (`compile(jit_compile=True)`, TPUStrategy) asks for "transpose"; always "transpose" for order 2."""
         if self.jvp != "auto":
             return self.jvp
         xla = getattr(self, "_jit_compile", None) is True or "TPU" in type(tf.distribute.get_strategy()).__name__
-        return "transpose" if xla else "forward"
+        return "transpose" if xla or self.order == 2 else "forward"
 
 
 def _frozen_copy(model, weights):
@@ -164,13 +164,17 @@ def linearize(model, weights=None, order=1, jvp="auto"):
 
     jvp: "forward" computes J·Δw in forward mode with `tf.autodiff.ForwardAccumulator`; "transpose" transposes
     the VJP in one graph (same numbers, needed under XLA, where the accumulator recompiles at every step);
-    "auto" (default) uses "transpose" when compiled with `jit_compile=True` or under TPUStrategy, else
-    "forward". Pass "transpose" when calling the model inside your own `tf.function(jit_compile=True)`.
+    "auto" (default) uses "forward" for order 1 except when compiled with `jit_compile=True` or under
+    TPUStrategy. Pass "transpose" when calling the model inside your own `tf.function(jit_compile=True)`.
+    order=2 needs "transpose": on TF 2.21 backprop through nested forward accumulators returns wrong gradients
+    in graph mode and fails eagerly (the forward values are right).
     """
     if order not in (1, 2):
         raise ValueError(f"order must be 1 (linear) or 2 (quadratic), got {order!r}")
     if jvp not in ("auto", *_JVP):
         raise ValueError(f"jvp must be 'auto', 'forward' or 'transpose', got {jvp!r}")
+    if order == 2 and jvp == "forward":
+        raise ValueError("order=2 needs jvp='transpose' or 'auto': TF cannot backpropagate through nested forward accumulators")
     if not isinstance(model, keras.Model) or not model.built:
         raise ValueError(f"model must be a built keras.Model, got {type(model).__name__}")
     if not model.trainable_variables:
