@@ -130,7 +130,7 @@ class Features:
         return self.graph._run_through_graph([x], operation_fn=wrap)
 
     def features(self, x):
-        """Features of block `x` (N, ...): (Jacobian (N, O, F) or None, [(X (N, k), G (N, O, c)), ...])."""
+        """Features of block `x` (N, ...): ([per-layer Jacobians (N, O, F_l)], [(X (N, k), G (N, O, c)) per Gram layer])."""
         n = x.shape[0]
         records = []
         with tf.GradientTape(persistent=True) as tape:
@@ -142,10 +142,10 @@ class Features:
             if kind and id(op) not in self._shared and outputs[0].shape[1:-1].num_elements() == 1:
                 grams.append(self._gram_term(op, kind, inputs, grads[0], n))
                 continue
-            jac = self._structured_jacobian(op, kind, inputs, grads[0], n) if kind else self._layer_jacobian(op, inputs, grads, n)
-            jacobians[id(op)] = jacobians[id(op)] + jac if id(op) in jacobians else jac
-        jac = tf.concat([self._cast(j) for j in jacobians.values()], axis=-1) if jacobians else None
-        return jac, grams
+            jac = self._structured_jacobian(op, kind, inputs, grads[0], n) if kind else [self._layer_jacobian(op, inputs, grads, n)]
+            previous = jacobians.get(id(op))
+            jacobians[id(op)] = jac if previous is None else [a + b for a, b in zip(previous, jac)]
+        return [self._cast(j) for jac in jacobians.values() for j in jac], grams
 
     def _cast(self, t):
         return tf.cast(t, self.dtype)
@@ -163,15 +163,13 @@ class Features:
         return x, g
 
     def _structured_jacobian(self, op, kind, x, g, n):
-        """Per-example Jacobian of a Dense/Conv layer: Σ_positions patch ⊗ cotangent, plus Σ cotangent for the bias."""
+        """Per-example Jacobians [kernel, bias] of a Dense/Conv layer: Σ_positions patch ⊗ cotangent, Σ cotangent."""
         p = _patches(op, kind, x)  # (N, P, k)
         o, positions, k = self.out_dim, p.shape[1], p.shape[2]
         g = tf.transpose(tf.reshape(g, (o, n, positions, -1)), [1, 2, 0, 3])  # (N, P, O, c)
         jac = tf.matmul(p, tf.reshape(g, (n, positions, -1)), transpose_a=True)  # (N, k, O·c) as one batched GEMM
         jac = tf.reshape(tf.transpose(tf.reshape(jac, (n, k, o, -1)), [0, 2, 1, 3]), (n, o, -1))
-        if op.use_bias:
-            jac = tf.concat([jac, tf.reduce_sum(g, axis=1)], axis=-1)
-        return jac
+        return [jac, tf.reduce_sum(g, axis=1)] if op.use_bias else [jac]
 
     def _layer_jacobian(self, op, call_args, grads, n):
         """Per-example Jacobian of one layer's own trainable variables: its VJP on one example, vectorized
@@ -200,28 +198,27 @@ class Features:
 
     def contract(self, f1, f2, trace):
         """Kernel block from two blocks' features: (N1, N2, O, O), or (N1, N2) averaged over logits if trace."""
-        (j1, grams1), (j2, grams2) = f1, f2
+        (jacs1, grams1), (jacs2, grams2) = f1, f2
         o = self.out_dim
         n1, n2 = _rows(f1), _rows(f2)
         if trace:
             k = tf.zeros((n1, n2), self.dtype)
-            if j1 is not None:
+            for j1, j2 in zip(jacs1, jacs2):
                 k += tf.matmul(tf.reshape(j1, (n1, -1)), tf.reshape(j2, (n2, -1)), transpose_b=True) / o
             for (x1, g1), (x2, g2) in zip(grams1, grams2):
                 gg = tf.matmul(tf.reshape(g1, (n1, -1)), tf.reshape(g2, (n2, -1)), transpose_b=True) / o
                 k += tf.matmul(x1, x2, transpose_b=True) * gg
             return k
         k = tf.zeros((n1, o, n2, o), self.dtype)
-        if j1 is not None:
+        for j1, j2 in zip(jacs1, jacs2):
             k += tf.reshape(tf.matmul(tf.reshape(j1, (n1 * o, -1)), tf.reshape(j2, (n2 * o, -1)), transpose_b=True), (n1, o, n2, o))
         for (x1, g1), (x2, g2) in zip(grams1, grams2):
             gg = tf.reshape(tf.matmul(tf.reshape(g1, (n1 * o, -1)), tf.reshape(g2, (n2 * o, -1)), transpose_b=True), (n1, o, n2, o))
-            xx = tf.matmul(x1, x2, transpose_b=True)
-            k += xx[:, None, :, None] * gg
+            k += tf.matmul(x1, x2, transpose_b=True)[:, None, :, None] * gg
         return tf.transpose(k, [0, 2, 1, 3])
 
 
 def _rows(features):
     """Number of examples in a block's features."""
-    jac, grams = features
-    return jac.shape[0] if jac is not None else grams[0][0].shape[0]
+    jacs, grams = features
+    return jacs[0].shape[0] if jacs else grams[0][0].shape[0]
