@@ -266,10 +266,10 @@ def test_pad_crop_flip_is_a_valid_crop_and_flip_against_a_numpy_reference():
     assert 0.4 < flip.mean() < 0.6  # Binomial(512, 1/2): sd 0.022, so this is a 4.5 sd band
 
 
-def test_train_batches_split_across_two_replicas():
+def test_train_batches_split_across_two_replicas(mirrored):
     arrays = images(n=64, augment=None)
     ds = data.train_batches(arrays, batch_size=16, epoch=0, order_seed=0, augment_seed=0)
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    strategy = mirrored
     first_x, _ = next(iter(strategy.experimental_distribute_dataset(ds)))
     parts = strategy.experimental_local_results(first_x)
     assert [p.shape.as_list() for p in parts] == [[8, 8, 8, 3]] * 2

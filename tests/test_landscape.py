@@ -205,10 +205,10 @@ def test_reestimate_batchnorm_conv_reduces_over_positions():
     np.testing.assert_allclose(bn.moving_variance.numpy(), out.var((0, 1)), rtol=1e-5)
 
 
-def test_evaluate_and_reestimate_under_mirrored_strategy():
+def test_evaluate_and_reestimate_under_mirrored_strategy(mirrored):
     """Variables created under a 2-replica MirroredStrategy; 65 examples in batches of 32 leave a last
     batch of 1 that cannot be split evenly over the replicas."""
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    strategy = mirrored
     with strategy.scope():
         model = _dense_bn_model()
     rng = np.random.default_rng(8)

@@ -101,7 +101,7 @@ def test_child_inherits_weights_optimizer_slots_and_step(tmp_path):
     assert all(np.abs(m.numpy()).max() == 0 for m in reset.optimizer.momentums)
 
 
-def test_mirrored_strategy_matches_one_device(tmp_path):
+def test_mirrored_strategy_matches_one_device(tmp_path, mirrored):
     """2 logical CPUs vs 1 device after 10 steps (no BatchNorm: per-replica batch statistics would differ).
 
     Tolerance: the two runs differ only in the order of float32 sums (per-replica gradient sums are
@@ -112,7 +112,6 @@ def test_mirrored_strategy_matches_one_device(tmp_path):
     single = training.Trainer(config, str(tmp_path / "one"), arrays=arrays)
     single.restore()
     single.train(verbose=0)
-    mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     multi = training.Trainer(config, str(tmp_path / "two"), arrays=arrays, strategy=mirrored)
     multi.restore()
     multi.train(verbose=0)
@@ -122,8 +121,7 @@ def test_mirrored_strategy_matches_one_device(tmp_path):
     assert single.history[-1]["test_error"] == pytest.approx(multi.history[-1]["test_error"], abs=1e-6)
 
 
-def test_batch_size_the_replicas_cannot_split(tmp_path):
-    mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+def test_batch_size_the_replicas_cannot_split(tmp_path, mirrored):
     with pytest.raises(cfg.ConfigError, match="multiple of the 2 replicas"):
         training.Trainer(tiny_config("train.batch_size=33"), str(tmp_path), arrays=synthetic_arrays(),
                          strategy=mirrored)
