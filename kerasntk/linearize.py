@@ -16,6 +16,8 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from kerasntk import ntk  # noqa: E402
+
 log = logging.getLogger(__name__)
 
 _ZERO = tf.UnconnectedGradients.ZERO
@@ -112,7 +114,8 @@ class Linearized(keras.Model):
     def call(self, inputs, training=None):
         """The Taylor expansion at w_t evaluated at w_t + Δw; `training` is ignored (base in inference mode)."""
         variables = self.base_variables
-        # Watch plain tensors, not variable handles: nested accumulators cannot differentiate handle reads.
+        # Differentiate with respect to tensors substituted for the frozen variables (see _call_with): both JVP
+        # methods and their nesting for order 2 then see plain tensors, never variable handles.
         primals = [tf.identity(v.value) for v in variables]
         tangents = [tf.convert_to_tensor(d.value) for d in self.deltas]
         terms = _taylor_terms(
@@ -135,7 +138,9 @@ def _frozen_copy(model, weights):
     """A clone of `model` holding `weights` (model.weights order; default its current values), all frozen."""
     values = model.get_weights() if weights is None else [np.asarray(w) for w in weights]
     if len(values) != len(model.weights):
-        raise ValueError(f"weights has {len(values)} arrays; {model.name} has {len(model.weights)} (model.weights order)")
+        raise ValueError(
+            f"weights has {len(values)} arrays; {model.name} has {len(model.weights)} (in model.weights order)"
+        )
     for value, var in zip(values, model.weights):
         if tuple(value.shape) != tuple(var.shape):
             raise ValueError(f"weights for {var.path} have shape {tuple(value.shape)}; expected {tuple(var.shape)}")
@@ -174,7 +179,9 @@ def linearize(model, weights=None, order=1, jvp="auto"):
     if jvp not in ("auto", *_JVP):
         raise ValueError(f"jvp must be 'auto', 'forward' or 'transpose', got {jvp!r}")
     if order == 2 and jvp == "forward":
-        raise ValueError("order=2 needs jvp='transpose' or 'auto': TF cannot backpropagate through nested forward accumulators")
+        raise ValueError(
+            "order=2 needs jvp='transpose' or 'auto': TF cannot backpropagate through nested forward accumulators"
+        )
     if not isinstance(model, keras.Model) or not model.built:
         raise ValueError(f"model must be a built keras.Model, got {type(model).__name__}")
     if not model.trainable_variables:
@@ -193,7 +200,7 @@ KernelRegression.__doc__ = """Kernel regression outcome: test predictions (N_tes
 
 
 class _NTKOperator:
-    """Matrix-free empirical NTK of `model` at its current weights: Jᵀv (VJP), Ju (JVP), Θv = J(Jᵀv), J itself.
+    """Matrix-free empirical NTK of `model` at its current weights: Jᵀv (VJP), Ju (JVP), Θv = J(Jᵀv); full Θ.
 
     Inference mode, trainable variables only, examples processed in blocks of `batch_size`.
     """
@@ -205,7 +212,6 @@ class _NTKOperator:
         self._outputs = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
         self._vjp = tf.function(self._vjp_block, reduce_retracing=True)
         self._jvp = tf.function(self._jvp_block, reduce_retracing=True)
-        self._jacobian = tf.function(self._jacobian_block, reduce_retracing=True)
 
     def _vjp_block(self, x, v):
         with tf.GradientTape() as tape:
@@ -217,12 +223,6 @@ class _NTKOperator:
         primals = [tf.identity(v.value) for v in self.variables]
         return _forward_jvp(lambda: _call_with(self.model, self.variables, primals, x), primals, tangents)[1]
 
-    def _jacobian_block(self, x):
-        with tf.GradientTape() as tape:
-            y = self.model(x, training=False)
-        jac = tape.jacobian(y, self.variables, unconnected_gradients=_ZERO, experimental_use_pfor=True)
-        return tf.concat([tf.reshape(j, (tf.size(y), -1)) for j in jac], axis=1)
-
     def _blocks(self, n):
         return [slice(i, min(i + self.batch_size, n)) for i in range(0, n, self.batch_size)]
 
@@ -231,7 +231,7 @@ class _NTKOperator:
         return np.concatenate([self._outputs(x[b]).numpy() for b in self._blocks(len(x))]).astype(np.float64)
 
     def vjp(self, x, v):
-        """Jᵀv = Σᵢ ∂(f(xᵢ)·vᵢ)/∂w for v of shape (N, O): a list of arrays shaped like the trainable variables."""
+        """Jᵀv = Σᵢ ∂(f(xᵢ)·vᵢ)/∂w for v of shape (N, O): a list of tensors shaped like the trainable variables."""
         parts = [self._vjp(x[b], v[b]) for b in self._blocks(len(x))]
         return [tf.add_n(list(group)) for group in zip(*parts)]
 
@@ -246,9 +246,11 @@ class _NTKOperator:
         return self.jvp(x, self.vjp(x, v))
 
     def kernel(self, x):
-        """The full Θ(X, X) as an (N·O, N·O) float64 matrix, rows ordered (example, output), via the Jacobian."""
-        jac = tf.concat([self._jacobian(x[b]) for b in self._blocks(len(x))], axis=0)
-        gram = tf.linalg.matmul(jac, jac, transpose_b=True).numpy().astype(np.float64)
+        """The full Θ(X, X) as an (N·O, N·O) float64 matrix, rows ordered (example, output), from kerasntk.ntk."""
+        dtype = self.variables[0].dtype
+        full = ntk.empirical_ntk_fn(self.model, trace_axes=(), batch_size=self.batch_size, dtype=dtype)(x)
+        n, _, o, _ = full.shape
+        gram = np.asarray(full, dtype=np.float64).transpose(0, 2, 1, 3).reshape(n * o, n * o)
         return 0.5 * (gram + gram.T)
 
 
@@ -285,8 +287,7 @@ def _conjugate_gradients(matvec, b, tol, max_iter):
     return x, max_iter, np.sqrt(rr) / b_norm
 
 
-_CLOSED_MAX_ROWS = 4096  # N·O above which "auto" uses CG: the (N·O)² kernel and its solve get expensive
-_CLOSED_MAX_JACOBIAN = 2.5e8  # N·O·P entries (1 GB in float32) above which "auto" avoids the explicit Jacobian
+_CLOSED_MAX_ROWS = 4096  # N·O above which "auto" uses CG: the (N·O)² kernel (128 MB) and its O((N·O)³) solve
 
 
 def kernel_regression(
@@ -294,12 +295,14 @@ def kernel_regression(
 ):
     """NTK kernel ridge regression at the model's current weights w_t (a proxy, ours; not the paper's estimator).
 
-    Predicts f(x_test) + Θ(x_test, X) (Θ(X, X) + ridge·I)⁻¹ (Y − f(X)) with the full (N·O × N·O) empirical NTK
-    Θ = J Jᵀ (trainable variables, inference mode, no averaging over outputs) and one-hot Y from integer labels.
-    This is the t → ∞ limit of gradient descent on the linearized network with MSE, plus a ridge. method
-    "closed" solves with the explicit kernel (small N), "cg" runs matrix-free conjugate gradients with NTK-vector
-    products Θv = J(Jᵀv) (one VJP and one JVP pass over X per iteration), "auto" picks by size. `ridge` is
-    absolute (in the kernel's units); CG stops at relative residual `tol` or `max_iter` iterations.
+    Predicts f(x_test) + Θ(x_test, X) (Θ(X, X) + ridge·I)⁻¹ (Y − f(X)) with the full (N·O × N·O)
+    empirical NTK Θ = J Jᵀ (trainable variables, inference mode, no averaging over outputs) and one-hot Y from
+    integer labels (or float targets (N, O)). It is the t → ∞ limit of gradient descent on the linearized
+    network with MSE, plus a ridge.
+    method: "closed" solves with the explicit kernel from `kerasntk.ntk.empirical_ntk_fn` (small N); "cg" runs
+    matrix-free conjugate gradients with NTK-vector products Θv = J(Jᵀv) (one VJP and one JVP pass over X per
+    iteration); "auto" uses "closed" up to N·O = 4096. Both predict with one VJP over X and one JVP over x_test.
+    `ridge` is absolute (in the kernel's units); CG stops at relative residual `tol` or after `max_iter` steps.
     Returns a `KernelRegression` with float64 predictions (N_test, O).
     """
     if method not in ("auto", "closed", "cg"):
@@ -314,9 +317,7 @@ def kernel_regression(
     n, o = f_train.shape
     residual = _targets(y_train, o) - f_train
     if method == "auto":
-        params = sum(int(np.prod(v.shape)) for v in op.variables)
-        small = n * o <= _CLOSED_MAX_ROWS and n * o * params <= _CLOSED_MAX_JACOBIAN
-        method = "closed" if small else "cg"
+        method = "closed" if n * o <= _CLOSED_MAX_ROWS else "cg"
     if method == "closed":
         kernel = op.kernel(x_train) + ridge * np.eye(n * o)
         alpha = np.linalg.solve(kernel, residual.reshape(-1)).reshape(n, o)

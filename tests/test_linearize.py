@@ -153,7 +153,8 @@ def test_gradient_wrt_delta_matches_finite_differences(order, jvp):
             loss = tf.reduce_sum(lin(x) * c)
         return tape.gradient(loss, lin.trainable_weights)
 
-    along = [sum(np.sum(g.numpy() * d) for g, d in zip(grad(), direction)) for grad in (gradient, tf.function(gradient))]
+    grads = (gradient(), tf.function(gradient)())
+    along = [sum(np.sum(g.numpy() * d) for g, d in zip(grad, direction)) for grad in grads]
     h = 1e-5  # the loss is at most quadratic in Δw: central differences are exact up to rounding ~1e-16/h
     set_deltas(lin, [a + h * b for a, b in zip(delta, direction)])
     plus = np.sum(lin(x).numpy() * c)
@@ -185,7 +186,7 @@ def test_gradient_descent_matches_closed_form_ntk_dynamics():
     discrete = y.reshape(-1) + np.linalg.matrix_power(np.eye(n * o) - scale * theta, steps) @ r0
     assert np.abs(f_t - f0).max() > 0.05 * np.abs(r0).max()  # training moved the outputs substantially
     np.testing.assert_allclose(f_t, discrete, rtol=0, atol=1e-9)  # exact up to float64 round-off
-    # Continuous flow f_t = y + e^{−ηΘt}(f0 − y): per eigenvalue |(1−a)^T − e^{−aT}| ≤ T·a²/2 with a ≤ a_max.
+    # Continuous flow f_t = y + e^{−ηΘt}(f0 − y): per eigenvalue |(1−a)^T − e^{−aT}| ≤ T·a²/2, a ≤ a_max.
     evals, evecs = np.linalg.eigh(scale * theta)
     continuous = y.reshape(-1) + evecs @ (np.exp(-evals * steps) * (evecs.T @ r0))
     bound = steps * a_max**2 / 2 * np.linalg.norm(r0)
