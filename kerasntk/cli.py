@@ -1,4 +1,4 @@
-"""The `kerasntk` command: run | train | spawn | ntk | merge | report."""
+"""The `kerasntk` command: run | train | ntk | linearize | spawn | merge | report."""
 
 import argparse
 import os
@@ -30,6 +30,9 @@ def build_parser():
     p.add_argument("run_dir")
     p.add_argument("--time", required=True, help="spawn time: epochs (0.5, '2ep') or steps ('100it')")
     p.add_argument("--child", required=True, type=int, help="child index, 0..children-1")
+    p = sub.add_parser("linearize", help="train the parent's linearization at one time (one kernel-learning job)")
+    p.add_argument("run_dir")
+    p.add_argument("--time", required=True, help="parent time: epochs (2, '2ep') or steps ('100it')")
     p = sub.add_parser("ntk", help="measure the parent at every checkpoint: errors, NTKs, kernel metrics")
     p.add_argument("run_dir")
     p = sub.add_parser("merge", help="merge a run directory's result files into RUN_DIR/results.nc")
@@ -93,6 +96,16 @@ def _dispatch(args, verbose):
         experiment.run_child(step, args.child)
         if experiment.measure_pairs(step):
             print(f"all children of spawn step {step} done: pair measurements written")
+        return 0
+    if args.command == "linearize":
+        config = spawn.load_run_config(args.run_dir)
+        strategy = distribute.get_strategy(config.distribute.tpu, config.distribute.logical_cpus)
+        experiment = spawn.Experiment(config, args.run_dir, strategy=strategy, verbose=verbose)
+        step = cfg.parse_duration(args.time, "--time").steps(experiment.steps_per_epoch)
+        if step not in experiment.grid:
+            raise cfg.ConfigError(f"--time {args.time!r} (step {step}) is not a checkpoint of this run; allowed "
+                                  f"steps: {experiment.grid}")
+        experiment.run_linearized(step)
         return 0
     if args.command == "ntk":
         config = spawn.load_run_config(args.run_dir)

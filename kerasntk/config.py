@@ -140,6 +140,18 @@ class LandscapeConfig:
 
 
 @dataclass
+class LinearizeConfig:
+    """Kernel learning: the parent's linearization at each of `times`, trained with SGD on the training set."""
+
+    times: list = field(default_factory=list)  # parent times (added to the checkpoint grid)
+    length: str | float = "10ep"
+    lr: float = 0.01
+    momentum: float = 0.9
+    batch_size: int = 64
+    validation_examples: int = 500  # held out of the training set to select the epoch (ours)
+
+
+@dataclass
 class DistributeConfig:
     tpu: str | None = None  # None: probe quietly; "" Colab; "local" TPU VM; else a name/address
     logical_cpus: int = 0  # > 1: MirroredStrategy over that many logical CPUs (testing)
@@ -154,6 +166,7 @@ class Config:
     spawn: SpawnConfig = field(default_factory=SpawnConfig)
     ntk: NTKConfig = field(default_factory=NTKConfig)
     landscape: LandscapeConfig = field(default_factory=LandscapeConfig)
+    linearize: LinearizeConfig = field(default_factory=LinearizeConfig)
     distribute: DistributeConfig = field(default_factory=DistributeConfig)
 
     def to_dict(self):
@@ -278,6 +291,15 @@ def validate(config):
         value = getattr(la, name)
         _check(_is_int(value) and value > 0, f"landscape.{name}", value, "an integer > 0")
     _check(t.jit_compile in (True, False, "auto"), "train.jit_compile", t.jit_compile, "true, false or 'auto'")
+    li = config.linearize
+    for i, time in enumerate(li.times):
+        parse_duration(time, f"linearize.times[{i}]")
+    _check(parse_duration(li.length, "linearize.length").value > 0, "linearize.length", li.length, "a duration > 0")
+    _check(_is_number(li.lr) and li.lr > 0, "linearize.lr", li.lr, "a number > 0")
+    _check(_is_number(li.momentum) and 0 <= li.momentum < 1, "linearize.momentum", li.momentum, "a number in [0, 1)")
+    for name in ("batch_size", "validation_examples"):
+        value = getattr(li, name)
+        _check(_is_int(value) and value > 0, f"linearize.{name}", value, "an integer > 0")
     lc = config.distribute.logical_cpus
     _check(_is_int(lc) and lc >= 0, "distribute.logical_cpus", lc, "an integer >= 0")
 
@@ -295,6 +317,7 @@ def validate_against(config, steps_per_epoch, num_replicas):
     total = parse_duration(t.length).steps(steps_per_epoch)
     named = [(f"checkpoints.times[{i}]", v) for i, v in enumerate(config.checkpoints.times)]
     named += [(f"spawn.times[{i}]", v) for i, v in enumerate(config.spawn.times)]
+    named += [(f"linearize.times[{i}]", v) for i, v in enumerate(config.linearize.times)]
     named += [(f"train.milestones[{i}]", v) for i, v in enumerate(t.milestones)]
     named += [("train.warmup", t.warmup)]
     if config.checkpoints.log_num:

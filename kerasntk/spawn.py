@@ -18,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from kerasntk import config as cfg
-from kerasntk import data, landscape, ntk, results, training
+from kerasntk import data, kernel_learning, landscape, ntk, results, training
 
 log = logging.getLogger(__name__)
 
@@ -81,13 +81,17 @@ class Experiment:
         self.parent = training.Trainer(config, parent_dir(run_dir), strategy=self.strategy, arrays=self.arrays)
         self.steps_per_epoch = self.parent.steps_per_epoch
         self.grid = training.checkpoint_steps(config, self.steps_per_epoch)
-        self.spawn_steps = sorted({cfg.parse_duration(t).steps(self.steps_per_epoch) for t in config.spawn.times})
+        self.spawn_steps = self._steps(config.spawn.times)
+        self.linearize_steps = self._steps(config.linearize.times)
         n = config.ntk
         self.x_probe, self.y_probe = data.probe_subset(self.arrays.x_train, self.arrays.y_train, n.probe_size, n.probe_seed)
         rng = np.random.default_rng(config.train.data_seed)
         la = config.landscape
         self.train_subset = rng.permutation(len(self.arrays.x_train))[:la.train_examples]
         self.bn_subset = rng.permutation(len(self.arrays.x_train))[:la.bn_examples]
+
+    def _steps(self, times):
+        return sorted({cfg.parse_duration(t).steps(self.steps_per_epoch) for t in times})
 
     def plan(self):
         """What the run will do, without training: data, model, grids and job counts (for --dry-run)."""
@@ -100,6 +104,7 @@ class Experiment:
             checkpoints=[round(s / self.steps_per_epoch, 4) for s in self.grid],
             spawn_times=[round(s / self.steps_per_epoch, 4) for s in self.spawn_steps],
             child_jobs=len(self.spawn_steps) * c.spawn.children,
+            linearized_jobs=[round(s / self.steps_per_epoch, 4) for s in self.linearize_steps],
             probe=f"{len(self.x_probe)} examples",
         )
 
@@ -163,6 +168,28 @@ class Experiment:
         results.write_atomic(results.parent_dataset(self.grid, times, metrics, kernel_distance=kernel_distance,
                                                     attrs=self._attrs()), path)
 
+    # kernel learning --------------------------------------------------------------------------------------
+
+    def run_linearized(self, step):
+        """Train the parent's linearization at `step` on the training set; one row of parent(time, metric)."""
+        path = results_path(self.run_dir, f"linearized_s{step:08d}")
+        if tf.io.gfile.exists(path):
+            return
+        self._require_parent_checkpoint(step)
+        self._say(f"linearized network from the parent at epoch {step / self.steps_per_epoch:g}")
+        weights = self.weights_at(parent_dir(self.run_dir), step)
+        metrics = kernel_learning.fit_linearized(
+            self.parent.model, weights, self.arrays, self.config, os.path.join(self.run_dir, "linearized", f"s{step:08d}"),
+            self.strategy, verbose=self.verbose)
+        results.write_atomic(results.parent_dataset([step], [step / self.steps_per_epoch],
+                                                    {k: np.array([v]) for k, v in metrics.items()},
+                                                    attrs=self._attrs()), path)
+
+    def _require_parent_checkpoint(self, step):
+        if step not in training.saved_checkpoints(parent_dir(self.run_dir)):
+            raise cfg.ConfigError(f"no parent checkpoint at step {step} in {self.run_dir!r}; the checkpoint steps "
+                                  f"are {self.grid} (train the parent first: kerasntk train)")
+
     # children ---------------------------------------------------------------------------------------------
 
     def run_child(self, step, child):
@@ -170,9 +197,7 @@ class Experiment:
         path = results_path(self.run_dir, f"child_s{step:08d}_c{child}")
         if tf.io.gfile.exists(path):
             return
-        if step not in training.saved_checkpoints(parent_dir(self.run_dir)):
-            raise cfg.ConfigError(f"no parent checkpoint at step {step} in {self.run_dir!r}; the spawn steps are "
-                                  f"{self.spawn_steps} (train the parent first: kerasntk train)")
+        self._require_parent_checkpoint(step)
         job = child_dir(self.run_dir, step, child)
         data_seed, augment_seed = child_seeds(self.config, step, child)
         trainer = training.Trainer(self.config, job, strategy=self.strategy, arrays=self.arrays,
@@ -253,6 +278,8 @@ class Experiment:
         """Every job in order, skipping finished ones; returns the merged Dataset (also written to results.nc)."""
         self.train_parent()
         self.measure_parent()
+        for step in self.linearize_steps:
+            self.run_linearized(step)
         for step in self.spawn_steps:
             for child in range(self.config.spawn.children):
                 self.run_child(step, child)

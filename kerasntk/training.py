@@ -51,11 +51,12 @@ class Schedule(keras.optimizers.schedules.LearningRateSchedule):
 
 
 def checkpoint_steps(config, steps_per_epoch):
-    """The checkpoint grid in steps: 0, the end, explicit and spawn times, log-spaced and periodic times."""
+    """The checkpoint grid in steps: 0, the end, explicit, spawn and linearization times, log-spaced and
+    periodic times."""
     c = config.checkpoints
     total = cfg.parse_duration(config.train.length).steps(steps_per_epoch)
     steps = {0, total}
-    for value in list(c.times) + list(config.spawn.times):
+    for value in list(c.times) + list(config.spawn.times) + list(config.linearize.times):
         steps.add(cfg.parse_duration(value).steps(steps_per_epoch))
     if c.log_num:
         start, stop = cfg.parse_duration(c.log_start), cfg.parse_duration(c.log_stop)

@@ -18,11 +18,12 @@ from test_training import synthetic_arrays
 
 TINY = ["data.name=npz", "train.length=2ep", "train.batch_size=32", "train.steps_per_execution=4",
         "checkpoints.log_num=0", "checkpoints.every=1ep", "spawn.times=[0, 0.5, 1]", "spawn.children=2",
-        "ntk.probe_size=20", "landscape.alphas=5", "landscape.train_examples=64", "landscape.bn_examples=64"]
+        "ntk.probe_size=20", "landscape.alphas=5", "landscape.train_examples=64", "landscape.bn_examples=64",
+        "linearize.times=[0, 1]", "linearize.length=1ep", "linearize.validation_examples=32"]
 
 CONTRACT = {  # metric names other tools rely on (issue 3's CLI contract)
     "parent": ["test_error", "test_loss", "train_error", "kernel_velocity", "kernel_distance_from_init",
-               "kernel_alignment"],
+               "kernel_alignment", "linearized_test_error", "linearized_test_loss"],
     "child": ["test_error", "test_loss"],
     "pair": ["error_barrier", "loss_barrier", "train_error_barrier", "disagreement", "js_divergence",
              "weight_distance", "kernel_distance"],
@@ -63,6 +64,8 @@ def test_run_writes_the_schema_and_the_metric_contract(clean_run, npz):
     assert barrier.notnull().all()
     assert ds.path.sel(metric="test_error").dropna("time", how="all").sizes["alpha"] == 5
     assert np.allclose(np.diag(ds.kernel_distance.values), 0, atol=1e-12)
+    linearized = ds.parent.sel(metric="linearized_test_error")
+    assert linearized.sel(time=[0.0, 1.0]).notnull().all() and linearized.notnull().sum() == 2
     assert "config" in on_disk.attrs and cfg.from_dict(__import__("json").loads(on_disk.attrs["config"])) == cfg.load(None, tiny(npz))
 
 

@@ -1,0 +1,74 @@
+"""Kernel learning (METHODS.md §5): train the parent's linearization at time t and measure its test error.
+
+One job per time t, resumable: `RUN_DIR/linearized/sXXXXXXXX/` holds a checkpoint of the linearized model
+and its optimizer after every epoch plus `history.json`; the result is one row of `parent(time, metric)`.
+"""
+
+import json
+import math
+import os
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from kerasntk import config as cfg
+from kerasntk import data, landscape, training
+from kerasntk.linearize import linearize
+
+
+def validation_split(arrays, n, seed):
+    """(training arrays without `n` held-out examples, (x_val, y_val)): the held-out part selects the epoch."""
+    order = np.random.default_rng([seed, 7]).permutation(len(arrays.x_train))
+    held, kept = np.sort(order[:n]), np.sort(order[n:])
+    train = data.Arrays(arrays.x_train[kept], arrays.y_train[kept], arrays.x_test, arrays.y_test,
+                        name=arrays.name, num_classes=arrays.num_classes, augment=arrays.augment)
+    return train, (arrays.x_train[held], arrays.y_train[held])
+
+
+def fit_linearized(model, weights, arrays, config, job_dir, strategy, verbose=1):
+    """Train f(x; w_t) + J(x; w_t)·Δw (Δw from 0, softmax cross-entropy, SGD with momentum) and return
+    {linearized_test_error (best over epochs, the paper's number), linearized_val_selected_test_error,
+    linearized_test_loss (at the selected epoch)}."""
+    lc = config.linearize
+    train_arrays, (x_val, y_val) = validation_split(arrays, lc.validation_examples, config.train.data_seed)
+    steps_per_epoch = data.steps_per_epoch(train_arrays, lc.batch_size)
+    epochs = max(1, math.ceil(cfg.parse_duration(lc.length).steps(steps_per_epoch) / steps_per_epoch))
+    with strategy.scope():
+        lin = linearize(model, weights=weights)
+        optimizer = keras.optimizers.SGD(lc.lr, momentum=lc.momentum)
+        lin.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        lin.build(model.input_shape)
+        optimizer.build(lin.trainable_variables)
+    checkpoint = tf.train.Checkpoint(model=lin, optimizer=optimizer)
+    manager = tf.train.CheckpointManager(checkpoint, os.path.join(job_dir, "resume"), 1)
+    history = _restore(manager, checkpoint, job_dir)
+    for epoch in range(len(history), epochs):
+        batches = data.train_batches(train_arrays, batch_size=lc.batch_size, epoch=epoch,
+                                     order_seed=config.train.data_seed, augment_seed=config.train.augment_seed,
+                                     augment=config.data.augment)
+        lin.fit(batches, epochs=1, shuffle=False, verbose=0)
+        test = landscape.evaluate(lin, None, arrays.x_test, arrays.y_test)
+        val = landscape.evaluate(lin, None, x_val, y_val)
+        history.append(dict(epoch=epoch + 1, test_error=test["error"], test_loss=test["loss"],
+                            val_error=val["error"]))
+        if verbose:
+            print(f"  linearized epoch {epoch + 1}/{epochs}: test error {test['error']:.4f} "
+                  f"(validation {val['error']:.4f})", flush=True)
+        training.write_json_atomic(os.path.join(job_dir, "history.json"), history)
+        manager.save(checkpoint_number=epoch + 1)
+    selected = min(history, key=lambda h: (h["val_error"], h["epoch"]))
+    return dict(linearized_test_error=min(h["test_error"] for h in history),
+                linearized_val_selected_test_error=selected["test_error"],
+                linearized_test_loss=selected["test_loss"])
+
+
+def _restore(manager, checkpoint, job_dir):
+    """The per-epoch history of an interrupted job, with its latest checkpoint restored (empty if none)."""
+    if not manager.latest_checkpoint:
+        return []
+    checkpoint.read(manager.latest_checkpoint).assert_existing_objects_matched()
+    with tf.io.gfile.GFile(os.path.join(job_dir, "history.json")) as f:
+        history = json.load(f)
+    done = int(manager.latest_checkpoint.rsplit("-", 1)[-1])
+    return history[:done]
