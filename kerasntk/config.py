@@ -19,7 +19,7 @@ class ConfigError(ValueError):
 
 
 DATASETS = ("mnist1d", "cifar10", "cifar100", "mnist", "fashion_mnist", "svhn_cropped", "npz")
-MODELS = ("cnn1d", "cnn", "mlp", "resnet20", "wide_resnet")
+MODELS = ("cnn1d", "cnn", "mlp", "resnet20", "wide_resnet", "keras_file")
 SCHEDULES = ("constant", "cosine", "step")
 BN_MODES = ("reestimate", "interpolate")
 NTK_IMPLEMENTATIONS = ("auto", "jacobian", "structured", "ntk_vp")

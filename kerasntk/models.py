@@ -139,3 +139,14 @@ def wide_resnet(input_shape, num_classes, depth=16, width=4, batchnorm=True):
     x = layers.ReLU()(_norm(x, batchnorm, "final_bn"))
     x = layers.GlobalAveragePooling2D()(x)
     return keras.Model(inputs, layers.Dense(num_classes, name="logits")(x), name=f"wrn{depth}_{width}")
+
+
+@register("keras_file")
+def keras_file(input_shape, num_classes, path):
+    """A user's own architecture saved with `model.save(path)` (.keras); its weights are re-initialized
+    by cloning, so a run starts from the checkpoint it restores, never from the file's weights."""
+    model = keras.saving.load_model(path, compile=False)
+    if tuple(model.input_shape[1:]) != tuple(input_shape) or model.output_shape[-1] != num_classes:
+        raise ValueError(f"model file {path!r} maps {model.input_shape[1:]} -> {model.output_shape[-1]} logits; "
+                         f"the data needs {tuple(input_shape)} -> {num_classes}")
+    return keras.models.clone_model(model)
