@@ -39,7 +39,8 @@ def step_times(model, x, y, jit, repeats, warmup=2):
 
 
 def run_case(name, input_shape, batch, jit, repeats):
-    """Median ordinary and linearized step times (s) for zoo model `name` on random data of `batch` examples."""
+    """Median ordinary and linearized step times (s) for zoo model `name` on random data of `batch` examples,
+    and the linearized model's total and trainable (Δw) parameter counts."""
     rng = np.random.default_rng(0)
     x = tf.constant(rng.normal(size=(batch,) + input_shape).astype(np.float32))
     y = tf.constant(rng.integers(0, 10, batch).astype(np.int32))
@@ -48,7 +49,7 @@ def run_case(name, input_shape, batch, jit, repeats):
     lin = linearize(model)  # snapshot before the ordinary model trains
     plain = statistics.median(step_times(model, x, y, jit, repeats))
     linear = statistics.median(step_times(lin, x, y, jit, repeats))
-    return plain, linear
+    return plain, linear, lin.count_params(), sum(int(np.prod(d.shape)) for d in lin.trainable_weights)
 
 
 def main():
@@ -61,12 +62,13 @@ def main():
     modes = {"off": [False], "on": [True], "both": [False, True]}[args.jit]
     print(f"TF {tf.__version__}, Keras {keras.__version__}, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs, repeats {args.repeats}")
-    print(f"{'model':10} {'batch':>5} {'xla':>5} {'ordinary ms':>12} {'linearized ms':>14} {'ratio':>6}")
+    print(f"{'model':10} {'batch':>5} {'xla':>5} {'ordinary ms':>12} {'linearized ms':>14} {'ratio':>6} "
+          f"{'lin params':>10} {'Δw':>8}")
     for name, shape, batch in cases:
         for jit in modes:
-            plain, linear = run_case(name, shape, batch, jit, args.repeats)
+            plain, linear, total, trainable = run_case(name, shape, batch, jit, args.repeats)
             print(f"{name:10} {batch:5d} {str(jit):>5} {1e3 * plain:12.1f} {1e3 * linear:14.1f} "
-                  f"{linear / plain:6.2f}", flush=True)
+                  f"{linear / plain:6.2f} {total:10d} {trainable:8d}", flush=True)
 
 
 if __name__ == "__main__":
