@@ -88,16 +88,15 @@ class Linearized(keras.Model):
         self.base = base
         self.order = order
         self._primal_index = tuple(primal_index)
-        self.deltas = [
-            self.add_weight(
-                shape=base.weights[i].shape,
-                dtype=base.weights[i].dtype,
-                initializer="zeros",
-                trainable=True,
-                name=f"delta_{k}_{base.weights[i].name}",
-            )
-            for k, i in enumerate(self._primal_index)
-        ]
+        for k, i in enumerate(self._primal_index):  # one attribute each, so tf.train.Checkpoint tracks them too
+            var = base.weights[i]
+            delta = self.add_weight(shape=var.shape, dtype=var.dtype, initializer="zeros", name=f"delta_{k}_{var.name}")
+            setattr(self, f"delta_{k}", delta)
+
+    @property
+    def deltas(self):
+        """The Δw variables, in the order of the original network's trainable variables."""
+        return [getattr(self, f"delta_{k}") for k in range(len(self._primal_index))]
 
     def build(self, input_shape):
         """Nothing to create (all weights exist at construction); checks the shape against the base network's."""

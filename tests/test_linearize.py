@@ -255,6 +255,11 @@ def test_save_and_load_weights(tmp_path):
     assert not np.allclose(other(x).numpy(), lin(x).numpy())
     other.load_weights(path)
     np.testing.assert_array_equal(other(x).numpy(), lin(x).numpy())
+    # tf.train.Checkpoint (the kerasntk Trainer's format) must hold Δw as well as the frozen base.
+    saved = tf.train.Checkpoint(model=lin).write(str(tmp_path / "ckpt"))
+    third = linearize(models.get("cnn1d", (40, 1), 10, channels=8, batchnorm=True))
+    tf.train.Checkpoint(model=third).read(saved).assert_existing_objects_matched()
+    np.testing.assert_array_equal(third(x).numpy(), lin(x).numpy())
 
 
 def test_bad_arguments():
