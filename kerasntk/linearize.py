@@ -80,7 +80,9 @@ class Linearized(keras.Model):
     """
 
     def __init__(self, base, primal_index, order=1, jvp="auto", **kwargs):
-        super().__init__(**kwargs)
+        # A plain (not mixed) policy in the variables' dtype: no autocast scope around `call`, so w_t and Δw are
+        # read in full precision; a mixed-precision base still autocasts inside its own layers.
+        super().__init__(dtype=base.weights[primal_index[0]].dtype, **kwargs)
         self.jvp = jvp
         # Hand inputs to the base network untouched, so it casts them exactly as it does when called alone.
         self._convert_input_args = False
@@ -90,7 +92,9 @@ class Linearized(keras.Model):
         self._primal_index = tuple(primal_index)
         for k, i in enumerate(self._primal_index):  # one attribute each, so tf.train.Checkpoint tracks them too
             var = base.weights[i]
-            delta = self.add_weight(shape=var.shape, dtype=var.dtype, initializer="zeros", name=f"delta_{k}_{var.name}")
+            delta = self.add_weight(
+                shape=var.shape, dtype=var.dtype, initializer="zeros", autocast=False, name=f"delta_{k}_{var.name}"
+            )
             setattr(self, f"delta_{k}", delta)
 
     @property
@@ -181,8 +185,10 @@ def linearize(model, weights=None, order=1, jvp="auto"):
         raise ValueError(
             "order=2 needs jvp='transpose' or 'auto': TF cannot backpropagate through nested forward accumulators"
         )
-    if not isinstance(model, keras.Model) or not model.built:
-        raise ValueError(f"model must be a built keras.Model, got {type(model).__name__}")
+    if not isinstance(model, keras.Model):
+        raise ValueError(f"model must be a keras.Model, got {type(model).__name__}")
+    if not model.built:
+        raise ValueError(f"model {model.name!r} is not built: call it on a batch or build(input_shape) first")
     if not model.trainable_variables:
         raise ValueError(f"model {model.name!r} has no trainable variables to linearize in")
     by_id = {id(v): i for i, v in enumerate(model.weights)}

@@ -78,6 +78,23 @@ def test_zero_delta_reproduces_network_exactly():
     np.testing.assert_array_equal(linearize(tiny, order=2)(x64).numpy(), tiny(x64, training=False).numpy())
 
 
+def test_mixed_precision_network():
+    x = np.random.default_rng(15).normal(size=(8, 40, 1)).astype("float32")
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model = models.get("cnn1d", (40, 1), 10, channels=8, batchnorm=True)
+        lin = linearize(model)
+        lin.compile(optimizer=keras.optimizers.SGD(0.1), loss=keras.losses.SparseCategoricalCrossentropy(True))
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    ref = model(x, training=False)
+    assert lin(x).dtype == ref.dtype == tf.float16 and lin.trainable_weights[0].dtype == "float32"
+    np.testing.assert_array_equal(lin(x).numpy(), ref.numpy())
+    lin.fit(x, np.arange(8), epochs=2, verbose=0)
+    assert all(np.isfinite(d.numpy()).all() for d in lin.trainable_weights)
+    assert np.abs(lin.trainable_weights[-1].numpy()).max() > 0
+
+
 def test_structure_and_param_count():
     model = models.get("cnn1d", (40, 1), 10, batchnorm=True)
     lin = linearize(model)
@@ -266,6 +283,8 @@ def test_bad_arguments():
     model = tiny_model()
     with pytest.raises(ValueError, match="order"):
         linearize(model, order=3)
+    with pytest.raises(ValueError, match="not built"):
+        linearize(keras.Sequential([layers.Dense(2)]))
     with pytest.raises(ValueError, match="transpose"):
         linearize(model, order=2, jvp="forward")
     with pytest.raises(ValueError, match="arrays"):
