@@ -214,7 +214,9 @@ class Experiment:
         metrics = dict(test_error=test["error"], test_loss=test["loss"])
         metrics.update({f"{k}_to_parent": v for k, v in scalars.items()})
         if self.config.ntk.enabled:
-            self.kernel(w, os.path.join(job, "kernel.npy"))
+            final = self.grid[-1]
+            parent_kernel = self.kernel(parent_final, os.path.join(parent_dir(self.run_dir), "kernels", f"step_{final:08d}.npy"))
+            metrics["kernel_distance_to_parent"] = ntk.kernel_distance(self.kernel(w, os.path.join(job, "kernel.npy")), parent_kernel)
         results.write_atomic(results.child_dataset(step, step / self.steps_per_epoch, child, metrics,
                                                    attrs=self._attrs()), path)
 
