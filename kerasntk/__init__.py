@@ -7,7 +7,7 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 __version__ = "0.1.0"
 
 from kerasntk import config, data, distribute, landscape, models, ntk, results, training  # noqa: E402
-from kerasntk.linearize import linearize  # noqa: E402
+from kerasntk.linearize import Linearized, kernel_regression, linearize  # noqa: E402
 from kerasntk.spawn import run  # noqa: E402
 
-__all__ = ["config", "data", "distribute", "landscape", "linearize", "models", "ntk", "results", "run", "training"]
+__all__ = ["Linearized", "config", "data", "distribute", "kernel_regression", "landscape", "linearize", "models", "ntk", "results", "run", "training"]
