@@ -14,16 +14,15 @@ Batch-level hooks are installed only when a time needs step resolution: a batch 
 dispatching batches asynchronously and syncs with the host every batch.
 """
 
-import math
 import os
 import time as _time
+import warnings
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-import xarray as xr  # noqa: E402
 
 from kerasntk import config as cfg  # noqa: E402
 from kerasntk import data, landscape, ntk, results, training  # noqa: E402
@@ -277,6 +276,7 @@ class SpawnCheckpoint(_Timed):
         self._data_path, self._n_train = self._write_data()
         self.model.save(os.path.join(self.directory, "model.keras"))
         super().on_train_begin(logs)
+        _warn_if_epochs_differ(self.steps_per_epoch, data.steps_per_epoch(self._n_train, self.batch_size))
         planned = self.params.get("epochs", 0) * self.steps_per_epoch
         self._check_schedule(planned)
         self._write_config(planned, [s for s in self._targets if s <= planned])
@@ -355,6 +355,15 @@ class SpawnCheckpoint(_Timed):
             linearize=dict(times=[])))
         cfg.validate(config)
         training.write_json_atomic(os.path.join(self.directory, "config.json"), config.to_dict())
+
+
+def _warn_if_epochs_differ(keras_steps, kerasntk_steps):
+    """Keras counts a last partial batch, kerasntk (and so the children and `kerasntk spawn --time`) does not."""
+    if keras_steps != kerasntk_steps:
+        warnings.warn(f"SpawnCheckpoint: fit runs {keras_steps} steps per epoch but kerasntk counts {kerasntk_steps} "
+                      "(it drops the last partial batch), so kerasntk's epoch labels differ from Keras's; pass "
+                      "times to `kerasntk spawn --time` in steps ('<n>it', see config.json spawn.times), or use "
+                      "a batch size dividing the training set size", stacklevel=2)
 
 
 def _children_optimizer(model):

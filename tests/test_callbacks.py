@@ -1,9 +1,9 @@
 """Tests of kerasntk.callbacks under model.fit: values against kerasntk.ntk / numpy, interruption, spawning."""
 
+import importlib.util
 import os
 import subprocess
 import sys
-import textwrap
 
 import keras
 import numpy as np
@@ -249,8 +249,8 @@ def test_spawn_checkpoints_start_a_child_through_kerasntk_spawn(arrays, tmp_path
     for got, want in zip(slots, recorder.momenta[1]):
         np.testing.assert_array_equal(got, want)
 
-    proc = subprocess.run([sys.executable, "-m", "kerasntk.cli", "-q", "spawn", str(run), "--time", "1", "--child", "0"],
-                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    command = [sys.executable, "-m", "kerasntk.cli", "-q", "spawn", str(run), "--time", "1", "--child", "0"]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     child = xr.load_dataset(run / "results" / "child_s00000004_c0.nc")
     assert child["child"].sel(metric="test_error").item() <= 1.0
@@ -288,6 +288,14 @@ def test_spawn_checkpoint_rejects_unstandardized_inputs(arrays, tmp_path):
     spawner = callbacks.SpawnCheckpoint([1], tmp_path / "run", data=(3 * x + 1, y, x_test, y_test), batch_size=BATCH)
     with pytest.raises(ValueError, match="standardize"):
         tiny_model().fit(3 * x + 1, y, batch_size=BATCH, epochs=1, verbose=0, callbacks=[spawner])
+
+
+def test_spawn_checkpoint_warns_when_keras_and_kerasntk_epochs_differ(arrays, tmp_path):
+    x, y = arrays[0][:250], arrays[1][:250]  # Keras: 4 steps per epoch (last one partial), kerasntk: 3
+    x = (x - x.mean((0, 1))) / x.std((0, 1))
+    spawner = callbacks.SpawnCheckpoint(["2it"], tmp_path / "run", data=(x, y, arrays[2], arrays[3]), batch_size=BATCH)
+    with pytest.warns(UserWarning, match="drops the last partial batch"):
+        tiny_model().fit(x, y, batch_size=BATCH, epochs=1, verbose=0, callbacks=[spawner])
 
 
 # -- LandscapeProbe ---------------------------------------------------------------------------------------
@@ -336,11 +344,14 @@ def test_landscape_probe_with_checkpoint_reference_under_mirrored(arrays, tmp_pa
 # -- the example ------------------------------------------------------------------------------------------
 
 
-def test_example_script_runs(tmp_path):
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "fit_with_callbacks.py"), "--epochs", "2",
-                           "--train-examples", "512", "--out", str(tmp_path)], capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_example_main_runs_with_tiny_settings(tmp_path):
+    path = os.path.join(ROOT, "examples", "fit_with_callbacks.py")
+    spec = importlib.util.spec_from_file_location("fit_with_callbacks", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    history = example.main(epochs=2, train_examples=256, batch_size=64, out=str(tmp_path))
+    assert len(history.history["ntk_velocity"]) == 2 and len(history.history["error_barrier"]) == 1
     assert xr.load_dataset(tmp_path / "ntk.nc").sizes["time"] == 3
-    assert os.path.exists(tmp_path / "landscape.nc")
-    assert os.path.exists(tmp_path / "run" / "config.json")
+    assert xr.load_dataset(tmp_path / "landscape.nc")["pair"].sel(metric="error_barrier").notnull().all()
+    assert sorted(os.listdir(tmp_path / "run" / "parent" / "checkpoints")) == [
+        f"step_{s:08d}" for s in (0, 2, 4, 8)]
