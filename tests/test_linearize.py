@@ -9,8 +9,9 @@ import tensorflow as tf
 import keras
 from keras import layers
 
-from kerasntk import models
+from kerasntk import data, models
 from kerasntk.linearize import kernel_regression, linearize
+from test_training import ZOO, synthetic_arrays
 
 
 def tiny_model(seed=0, dtype="float64", inputs=5, hidden=7, outputs=3, batchnorm=True, dropout=True):
@@ -220,17 +221,16 @@ def train_small(model, x, y, order=1, strategy=None, jvp="auto", **compile_kw):
     return [d.numpy() for d in lin.trainable_weights]
 
 
-def test_mirrored_strategy_matches_single_device():
+def test_mirrored_strategy_matches_single_device(mirrored):
     model = tiny_model(seed=3, dtype="float32")
     rng = np.random.default_rng(9)
     x, y = rng.normal(size=(16, 5)).astype("float32"), rng.normal(size=(16, 3)).astype("float32")
     single = train_small(model, x, y)
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-    assert strategy.num_replicas_in_sync == 2
-    mirrored = train_small(model, x, y, strategy=strategy)
+    assert mirrored.num_replicas_in_sync == 2
+    distributed = train_small(model, x, y, strategy=mirrored)
     assert np.abs(single[-1]).max() > 1e-3
     # Same math, float32 sums in a different order (per-replica halves all-reduced): ~1e-7 relative.
-    for a, b in zip(single, mirrored):
+    for a, b in zip(single, distributed):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
 
 
@@ -245,6 +245,23 @@ def test_jit_compiled_training_matches_graph(order):
     for a, b in zip(graph, jit):  # XLA fuses/reorders float32 ops: agreement to ~1e-6 relative
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
 
+
+
+@pytest.mark.parametrize("name, shape, options", ZOO, ids=[f"{z[0]}-{i}" for i, z in enumerate(ZOO)])
+def test_linearized_step_compiles_with_xla_for_every_zoo_model(name, shape, options):
+    """TPU readiness of the kernel-learning job: the linearized train step of every zoo model, fed by the
+    experiment's own input pipeline (static shapes, drop_remainder), compiles with XLA and trains Δw."""
+    model = models.get(name, shape, 4, **options)
+    lin = linearize(model)
+    lin.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9), jit_compile=True,
+                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    assert lin.jit_compile is True and lin._jvp_method() == "transpose"  # the XLA-safe JVP is chosen
+    batches = data.train_batches(synthetic_arrays(32, 16, shape, 4), batch_size=8, epoch=0, order_seed=0,
+                                 augment_seed=0)
+    assert all(dim is not None for dim in batches.element_spec[0].shape)  # static batch shape
+    lin.fit(batches.take(2), epochs=1, shuffle=False, verbose=0)  # jit_compile=True raises if XLA cannot compile the step
+    deltas = [d.numpy() for d in lin.trainable_weights]
+    assert all(np.isfinite(d).all() for d in deltas) and any(np.abs(d).max() > 0 for d in deltas)
 
 def test_snapshot_is_frozen_and_weights_argument(tmp_path):
     model = models.get("cnn1d", (40, 1), 10, channels=8)

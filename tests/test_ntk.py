@@ -241,9 +241,9 @@ def test_float64_contraction_of_float32_model():
 
 
 @pytest.mark.parametrize("name", ["cnn1d", pytest.param("resnet20", marks=pytest.mark.slow)])
-def test_mirrored_strategy_matches_single_device(name):
+def test_mirrored_strategy_matches_single_device(name, mirrored):
     """Block pairs spread over 2 logical CPUs (odd pair count: the last round is padded) give the same kernel."""
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    strategy = mirrored
     with strategy.scope():
         model, shape = _zoo(name)
     rng = np.random.default_rng(8)

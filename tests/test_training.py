@@ -29,7 +29,8 @@ def synthetic_arrays(n_train=256, n_test=100, shape=(40, 1), classes=10, seed=0)
 
 def tiny_config(*overrides):
     base = ["train.length=3ep", "train.batch_size=32", "train.steps_per_execution=5", "train.eval_batch_size=64",
-            "checkpoints.log_num=0", "checkpoints.every=null", "spawn.times=[0, 0.5]", "ntk.probe_size=20"]
+            "checkpoints.log_num=0", "checkpoints.every=null", "spawn.times=[0, 0.5]", "linearize.times=[]",
+            "ntk.probe_size=20"]
     return cfg.load(None, base + list(overrides))
 
 
@@ -54,11 +55,11 @@ def test_step_and_constant_schedules():
     assert float(training.Schedule(0.3, 100, "constant")(57)) == pytest.approx(0.3)
 
 
-def test_checkpoint_grid_has_ends_explicit_log_and_periodic_times():
+def test_checkpoint_grid_has_ends_explicit_log_periodic_spawn_and_linearize_times():
     c = cfg.load(None, ["train.length=10ep", "checkpoints.times=[0.3]", "checkpoints.log_start=0.1",
                         "checkpoints.log_stop=1", "checkpoints.log_num=3", "checkpoints.every=5ep",
-                        "spawn.times=[2it]"])
-    assert training.checkpoint_steps(c, steps_per_epoch=100) == [0, 2, 10, 30, 32, 100, 500, 1000]
+                        "spawn.times=[2it]", "linearize.times=[4]"])
+    assert training.checkpoint_steps(c, steps_per_epoch=100) == [0, 2, 10, 30, 32, 100, 400, 500, 1000]
 
 
 # -- training -----------------------------------------------------------------------------------------------
@@ -155,7 +156,7 @@ def _train_cli(out, npz, *extra):
             "--set", f"data.path={npz}", "--set", "train.length=4ep", "--set", "train.batch_size=16",
             "--set", "train.steps_per_execution=1", "--set", "checkpoints.log_num=0",
             "--set", "checkpoints.every=null", "--set", "checkpoints.times=[1.5, 2.5, 3.5]",
-            "--set", "spawn.times=[]", *extra]
+            "--set", "spawn.times=[]", "--set", "linearize.times=[]", *extra]
 
 
 def _checkpoint_weights(job_dir, step):
