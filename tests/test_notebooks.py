@@ -1,0 +1,154 @@
+"""The Colab notebooks, executed headless on CPU with tiny parameters (nbclient + ipykernel): any cell error fails.
+
+Parameters are injected the papermill way: a cell tagged `injected-parameters` right after the cell tagged
+`parameters`, so `papermill -p NAME VALUE` works on the same notebooks. The TPU notebook reads CIFAR-10 from
+tensorflow-datasets' mock data: an IPython startup file in the kernel's IPYTHONDIR enters
+`tfds.testing.mock_data` before the first cell, so the notebook itself runs unchanged (and falls back from
+TPU to the CPU, since this machine has none).
+"""
+
+import json
+import os
+import textwrap
+from pathlib import Path
+
+import nbclient
+import nbformat
+import pytest
+
+from test_data import write_tfds_metadata  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+COLAB = REPO / "colab"
+NOTEBOOKS = ("01_quickstart", "02_paper_cifar10_resnet20_tpu", "03_analyze_results")
+
+# mnist1d, one epoch, three spawn times (so the Spearman correlations are defined) of two children: ~20 s.
+QUICKSTART_TINY = ["train.length=1ep", "spawn.times=[0, 0.25, 0.5]", "spawn.children=2", "checkpoints.log_num=0",
+                   "checkpoints.every=null", "ntk.probe_size=20", "linearize.times=[0]", "linearize.length=1ep",
+                   "landscape.train_examples=256", "landscape.bn_examples=256"]
+# The paper config on 256 mock CIFAR-10 images. ResNet-8 (depth=8: the same BatchNorm residual blocks as
+# ResNet-20, one per stage) keeps the seven training jobs under a minute on a loaded 2-core CPU.
+MOCK_TRAIN, MOCK_TEST = 256, 64
+PAPER_TINY = ["model.options={batchnorm: true, width: 1, depth: 8}", "train.length=1ep", "train.batch_size=32",
+              "train.milestones=[]", "checkpoints.log_num=0", "checkpoints.every=null", "spawn.times=[0, 0.5, 1]",
+              "spawn.children=2", "ntk.probe_size=10", "landscape.alphas=3", "landscape.train_examples=64",
+              "landscape.bn_examples=64", "linearize.times=[0]", "linearize.length=1ep", "linearize.batch_size=32",
+              "linearize.validation_examples=32"]
+
+
+def parameterize(nb, **values):
+    """Insert a cell setting `values` after the cell tagged "parameters" (what papermill does)."""
+    index = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
+    source = "\n".join(f"{name} = {value!r}" for name, value in values.items())
+    cell = nbformat.v4.new_code_cell(source, metadata={"tags": ["injected-parameters"]})
+    cell.id = "injected-parameters"
+    nb.cells.insert(index + 1, cell)
+    return nb
+
+
+def execute(name, workdir, env=None, **values):
+    """Run notebook `name` in `workdir` with parameters `values`; raises CellExecutionError if a cell fails."""
+    nb = parameterize(nbformat.read(COLAB / f"{name}.ipynb", as_version=4), **values)
+    kernel_env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
+    client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+                                     resources={"metadata": {"path": str(workdir)}})
+    client.execute(env=kernel_env)
+    nbformat.write(nb, workdir / f"{name}.executed.ipynb")  # kept for debugging a failure
+    return nb
+
+
+def outputs(nb, output_type):
+    return [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == output_type]
+
+
+def mock_cifar10_kernel(root):
+    """A prepared-looking TFDS directory and an IPYTHONDIR whose startup file serves mock CIFAR-10 from it."""
+    data_dir = root / "tensorflow_datasets"
+    write_tfds_metadata(data_dir, "cifar10", n_train=MOCK_TRAIN, n_test=MOCK_TEST)
+    startup = root / "ipython" / "profile_default" / "startup"
+    startup.mkdir(parents=True)
+    (startup / "00-mock-cifar10.py").write_text(textwrap.dedent(f"""
+        import tensorflow_datasets as tfds
+        _mock = tfds.testing.mock_data(num_examples={MOCK_TRAIN}, policy=tfds.testing.MockPolicy.USE_FILES,
+                                       data_dir={str(data_dir)!r})
+        _mock.__enter__()  # active for the kernel's lifetime
+    """))
+    return data_dir, {"IPYTHONDIR": str(root / "ipython")}
+
+
+@pytest.fixture(scope="module")
+def quickstart(tmp_path_factory):
+    """The quickstart notebook executed on a tiny mnist1d run: (executed notebook, run directory)."""
+    work = tmp_path_factory.mktemp("quickstart")
+    nb = execute("01_quickstart", work, OVERRIDES=QUICKSTART_TINY, RUN_DIR="runs/quickstart")
+    return nb, work / "runs" / "quickstart"
+
+
+@pytest.fixture(scope="module")
+def paper(tmp_path_factory):
+    """The TPU notebook executed on CPU with mock CIFAR-10 and a tiny config: (executed notebook, run directory)."""
+    work = tmp_path_factory.mktemp("paper")
+    data_dir, env = mock_cifar10_kernel(work)
+    run_dir = work / "run"
+    nb = execute("02_paper_cifar10_resnet20_tpu", work, env=env, REPO_DIR=str(REPO), RUN_DIR=str(run_dir),
+                 DATA_DIR=str(data_dir), OVERRIDES=PAPER_TINY)
+    return nb, run_dir
+
+
+def test_every_notebook_has_a_parameters_cell_and_no_outputs():
+    for name in NOTEBOOKS:
+        nb = nbformat.read(COLAB / f"{name}.ipynb", as_version=4)
+        nbformat.validate(nb)
+        tags = [c.metadata.get("tags", []) for c in nb.cells]
+        assert sum("parameters" in t for t in tags) == 1, name
+        assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), f"{name} is committed with outputs"
+        assert f"colab.research.google.com/github/kerasntk-dev/kerasntk/blob/main/colab/{name}.ipynb" in nb.cells[0].source
+
+
+def test_quickstart_runs_the_experiment_and_shows_results(quickstart):
+    nb, run_dir = quickstart
+    import xarray as xr
+
+    ds = xr.load_dataset(run_dir / "results.nc")
+    assert {"parent", "child", "pair", "path", "correlation"} <= set(ds.data_vars)
+    assert ds.sizes["spawn"] == 2 and ds.sizes["time"] == 4  # spawn times 0, ~0.25, 0.5 (on steps) and the end
+    assert (run_dir / "barrier_vs_spawn_time.png").exists()
+    assert len([o for o in outputs(nb, "display_data") if "image/png" in o.data]) >= 5  # figures and plots shown
+    assert json.loads(ds.attrs["config"])["spawn"]["times"] == [0, 0.25, 0.5]
+
+
+def test_tpu_notebook_falls_back_to_cpu_and_runs_every_job(paper):
+    nb, run_dir = paper
+    import xarray as xr
+
+    printed = "".join(o.get("text", "") for o in outputs(nb, "stream"))
+    assert "no TPU on this machine" in printed and "_DefaultDistributionStrategy with 1 replica(s)" in printed
+    assert "10/10 parent, child and pair jobs done; missing: []" in printed  # 1 parent + 3 spawn times × (2 + 1)
+    ds = xr.load_dataset(run_dir / "results.nc")
+    stored = json.loads(ds.attrs["config"])
+    assert stored["data"]["name"] == "cifar10" and stored["model"]["name"] == "resnet20"
+    assert ds.sizes["spawn"] == 2 and ds.pair.sel(metric="error_barrier").notnull().sum() == 3
+    assert ds.parent.sel(metric="linearized_test_error").notnull().sum() == 1
+    assert (run_dir / "kernel_dynamics.png").exists()
+
+
+def test_tpu_notebook_rerun_resumes_without_training(paper, tmp_path):
+    """A second execution (after a runtime reset) finds every job done and only merges and reports."""
+    nb, run_dir = paper
+    before = {p: p.stat().st_mtime_ns for p in (run_dir / "results").glob("*.nc")}
+    work = run_dir.parent
+    data_dir, env = work / "tensorflow_datasets", {"IPYTHONDIR": str(work / "ipython")}
+    again = execute("02_paper_cifar10_resnet20_tpu", tmp_path, env=env, REPO_DIR=str(REPO), RUN_DIR=str(run_dir),
+                    DATA_DIR=str(data_dir), OVERRIDES=PAPER_TINY)
+    printed = "".join(o.get("text", "") for o in outputs(again, "stream"))
+    assert "training to" not in printed and "linearized network from" not in printed  # no job trained again
+    assert {p: p.stat().st_mtime_ns for p in (run_dir / "results").glob("*.nc")} == before
+
+
+def test_analysis_compares_two_runs(quickstart, paper, tmp_path):
+    (_, mnist_run), (_, cifar_run) = quickstart, paper
+    nb = execute("03_analyze_results", tmp_path, RUN_DIRS={"mnist1d": str(mnist_run), "cifar10": str(cifar_run / "results.nc")})
+    html = "".join(o.data.get("text/html", "") for o in outputs(nb, "execute_result"))
+    assert "mnist1d" in html and "cifar10" in html
+    printed = "".join(o.get("text", "") for o in outputs(nb, "stream"))
+    assert "mnist1d: mnist1d / cnn1d" in printed and "cifar10: cifar10 / resnet20" in printed
