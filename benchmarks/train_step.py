@@ -1,8 +1,10 @@
 """Throughput of the kerasntk trainer relative to Keras `model.fit` on the same model, data and batch size.
 
-Both sides do the same work per epoch: SGD with momentum 0.9, softmax cross-entropy, XLA-compiled steps,
-one pass over the training set and one evaluation on the test set. Compilation is excluded (a warm-up
-epoch); each side's epoch time is the median over repeats. Ratio > 1 means kerasntk is faster.
+Both sides do the same work per epoch: SGD with momentum 0.9, softmax cross-entropy, one pass over the
+training set and one evaluation on the test set, in the same compile mode: every case runs once with
+plain graphs (`jit_compile=False`, kerasntk's default on CPU) and once XLA-compiled (`jit_compile=True`,
+kerasntk's default on TPU/GPU). Compilation is excluded (a warm-up epoch); each side's epoch time is the
+median over repeats. Ratio > 1 means kerasntk is faster.
 
     python benchmarks/train_step.py [--repeats 5]
 """
@@ -30,11 +32,11 @@ def synthetic(n_train, n_test, shape, classes=10):
     return data.Arrays(x, y, xt, yt, name="synthetic", num_classes=classes, augment=None)
 
 
-def keras_epoch_times(case, arrays, repeats):
+def keras_epoch_times(case, arrays, repeats, xla):
     keras.utils.set_random_seed(0)
     model = models.get(case["model"], arrays.input_shape, arrays.num_classes, **case["options"])
     model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=True)
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=xla)
     fit = lambda: model.fit(arrays.x_train, arrays.y_train, batch_size=case["batch"], epochs=1, shuffle=True,
                             validation_data=(arrays.x_test, arrays.y_test), validation_batch_size=case["eval_batch"],
                             verbose=0)
@@ -47,11 +49,12 @@ def keras_epoch_times(case, arrays, repeats):
     return times
 
 
-def kerasntk_epoch_times(case, arrays, repeats):
+def kerasntk_epoch_times(case, arrays, repeats, xla):
     config = cfg.load(None, [f"model.name={case['model']}", f"train.batch_size={case['batch']}",
                              f"train.length={repeats + 1}ep", "train.lr=0.01", "train.weight_decay=0",
                              f"train.eval_batch_size={case['eval_batch']}", "checkpoints.log_num=0",
-                             "checkpoints.every=null", "spawn.times=[]"])
+                             "checkpoints.every=null", "spawn.times=[]", "linearize.times=[]",
+                             f"train.jit_compile={str(xla).lower()}"])
     config.model.options = dict(case["options"])
     with tempfile.TemporaryDirectory() as job:
         trainer = training.Trainer(config, job, arrays=arrays)
@@ -79,13 +82,14 @@ def main():
     rows = []
     for case in CASES:
         arrays = data.load_arrays("mnist1d") if case["data"] == "mnist1d" else synthetic(*case["data"])
-        k = statistics.median(keras_epoch_times(case, arrays, args.repeats))
-        n = statistics.median(kerasntk_epoch_times(case, arrays, args.repeats))
         examples = data.steps_per_epoch(arrays, case["batch"]) * case["batch"]
-        rows.append((case["name"], case["batch"], examples / k, examples / n, k / n))
-    print(f"\n{'model / data':28s} {'batch':>5s} {'keras fit ex/s':>15s} {'kerasntk ex/s':>14s} {'ratio':>6s}")
-    for name, batch, kf, kn, ratio in rows:
-        print(f"{name:28s} {batch:5d} {kf:15.0f} {kn:14.0f} {ratio:6.2f}")
+        for xla in (False, True):
+            k = statistics.median(keras_epoch_times(case, arrays, args.repeats, xla))
+            n = statistics.median(kerasntk_epoch_times(case, arrays, args.repeats, xla))
+            rows.append((case["name"], "XLA" if xla else "graph", case["batch"], examples / k, examples / n, k / n))
+    print(f"\n{'model / data':28s} {'mode':>5s} {'batch':>5s} {'keras fit ex/s':>15s} {'kerasntk ex/s':>14s} {'ratio':>6s}")
+    for name, mode, batch, kf, kn, ratio in rows:
+        print(f"{name:28s} {mode:>5s} {batch:5d} {kf:15.0f} {kn:14.0f} {ratio:6.2f}")
 
 
 if __name__ == "__main__":

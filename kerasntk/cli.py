@@ -84,13 +84,8 @@ def _dispatch(args, verbose):
         print(f"results: {os.path.join(run_dir, 'results.nc')}; {len(figures)} figures in {run_dir}")
         return 0
     if args.command == "spawn":
-        config = spawn.load_run_config(args.run_dir)
-        strategy = distribute.get_strategy(config.distribute.tpu, config.distribute.logical_cpus)
-        experiment = spawn.Experiment(config, args.run_dir, strategy=strategy, verbose=verbose)
-        step = cfg.parse_duration(args.time, "--time").steps(experiment.steps_per_epoch)
-        if step not in experiment.spawn_steps:
-            raise cfg.ConfigError(f"--time {args.time!r} (step {step}) is not a spawn time of this run; allowed "
-                                  f"steps: {experiment.spawn_steps}")
+        config, experiment = _existing_run(args.run_dir, verbose)
+        step = _job_step(experiment, args.time, experiment.spawn_steps, "a spawn time")
         if not 0 <= args.child < config.spawn.children:
             raise cfg.ConfigError(f"--child {args.child} is not allowed; allowed: 0..{config.spawn.children - 1}")
         experiment.run_child(step, args.child)
@@ -98,18 +93,11 @@ def _dispatch(args, verbose):
             print(f"all children of spawn step {step} done: pair measurements written")
         return 0
     if args.command == "linearize":
-        config = spawn.load_run_config(args.run_dir)
-        strategy = distribute.get_strategy(config.distribute.tpu, config.distribute.logical_cpus)
-        experiment = spawn.Experiment(config, args.run_dir, strategy=strategy, verbose=verbose)
-        step = cfg.parse_duration(args.time, "--time").steps(experiment.steps_per_epoch)
-        if step not in experiment.grid:
-            raise cfg.ConfigError(f"--time {args.time!r} (step {step}) is not a checkpoint of this run; allowed "
-                                  f"steps: {experiment.grid}")
-        experiment.run_linearized(step)
+        _, experiment = _existing_run(args.run_dir, verbose)
+        experiment.run_linearized(_job_step(experiment, args.time, experiment.grid, "a checkpoint"))
         return 0
     if args.command == "ntk":
-        config = spawn.load_run_config(args.run_dir)
-        spawn.Experiment(config, args.run_dir, verbose=verbose).measure_parent()
+        _existing_run(args.run_dir, verbose)[1].measure_parent()
         print(f"parent kernel metrics: {spawn.results_path(args.run_dir, 'parent')}")
         return 0
     if args.command == "merge":
@@ -124,6 +112,25 @@ def _dispatch(args, verbose):
         print(f"{len(plots.report(ds, out))} figures in {out}")
         return 0
     raise AssertionError(args.command)
+
+
+def _existing_run(run_dir, verbose):
+    """(config, Experiment) of a prepared run directory, on the strategy its config asks for."""
+    from kerasntk import distribute, spawn
+
+    config = spawn.load_run_config(run_dir)
+    strategy = distribute.get_strategy(config.distribute.tpu, config.distribute.logical_cpus)
+    return config, spawn.Experiment(config, run_dir, strategy=strategy, verbose=verbose)
+
+
+def _job_step(experiment, time, allowed, what):
+    """The step of `--time`, which must be one of the run's `allowed` steps (`what` names them)."""
+    from kerasntk import config as cfg
+
+    step = cfg.parse_duration(time, "--time").steps(experiment.steps_per_epoch)
+    if step not in allowed:
+        raise cfg.ConfigError(f"--time {time!r} (step {step}) is not {what} of this run; allowed steps: {list(allowed)}")
+    return step
 
 
 if __name__ == "__main__":

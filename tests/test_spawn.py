@@ -101,6 +101,28 @@ def test_sigkill_anywhere_then_rerun_completes_without_recomputing(tmp_path, npz
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
 
 
+
+def test_jobs_one_command_each_equal_kerasntk_run(tmp_path, npz, clean_run):
+    """The several-machines recipe — train, ntk, one linearize / spawn command per job, merge, report —
+    gives exactly the results of one `kerasntk run` (each job is a pure function of the run directory)."""
+    from kerasntk import cli
+
+    run = str(tmp_path / "jobs")
+    sets = [arg for item in tiny(npz) for arg in ("--set", item)]
+    assert cli.main(["-q", "train", "--out", run, *sets]) == 0
+    assert not (tmp_path / "jobs" / "results").exists()  # training the parent measures nothing
+    assert cli.main(["-q", "ntk", run]) == 0
+    for t in ("0", "1ep"):
+        assert cli.main(["-q", "linearize", run, "--time", t]) == 0
+    for t in ("0", "0.5", "8it"):  # 8 steps = epoch 1 of the 256-example, batch-32 tiny run
+        for child in (1, 0):  # the last child of a spawn time, whichever it is, writes the pair file
+            assert cli.main(["-q", "spawn", run, "--time", t, "--child", str(child)]) == 0
+    assert cli.main(["-q", "merge", run]) == 0
+    assert cli.main(["-q", "report", run]) == 0 and (tmp_path / "jobs" / "barrier_vs_spawn_time.pdf").exists()
+    a, b = _values(clean_run[1] / "results.nc"), _values(tmp_path / "jobs" / "results.nc")
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
 def test_rerun_of_a_finished_run_skips_every_job(tmp_path, npz):
     config = cfg.load(None, tiny(npz, "spawn.times=[0.5]"))
     spawn.run(config, str(tmp_path), verbose=0)
