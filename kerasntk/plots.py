@@ -164,18 +164,21 @@ def child_error_vs_spawn_time(ds):
 
 def linearized_error(ds):
     """Test error of the network linearized at time t (kernel learning with the time-t NTK) beside the
-    parent's own test error at t."""
+    parent's own test error at t and its final test error."""
     if not _has(ds, "parent", "linearized_test_error"):
         return _skip("linearized_error", "parent linearized_test_error")
     fig, (ax,) = _figure(1, "Kernel learning with the NTK frozen at time t")
-    for name, label in (("linearized_test_error", "linearized network f_lin at t, trained to convergence"),
+    for name, label in (("linearized_test_error", "network linearized at t, trained (best test error)"),
                         ("test_error", "parent network at t")):
         if _has(ds, "parent", name):
             series = ds["parent"].sel(metric=name).dropna("time")
             ax.plot(series["time"], series, marker=".", label=label)
+            if name == "test_error":
+                ax.axhline(float(series[-1]), color="gray", ls="--", lw=1,
+                           label=f"parent's final test error ({float(series[-1]):.3f})")
     _time_axis(ax, ds["time"].values, "time t the network is linearized at (epoch)")
     ax.set(ylabel="test error (0–1)", title="Linearized vs nonlinear test error")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="lower left")
     return fig
 
 
