@@ -7,8 +7,8 @@ so the batch sum separates them). From them each parameterised layer yields eith
 - a *Gram* term (layer inputs X (N, k), cotangents G (N, O, c)): Dense-like layers applied once per
   example, whose kernel block is (X₁X₂ᵀ + 1) ⊙ (G₁·G₂) (the +1 is the bias), never forming a Jacobian;
 - a *Jacobian* term (N, O, F): the per-example Jacobian of that layer's F parameters only — for
-  Dense/Conv from patches × cotangents with one batched einsum, for any other layer (BatchNorm γ/β,
-  custom layers) from a vectorized (pfor) Jacobian of that layer alone.
+  Dense/Conv from patches × cotangents with one batched GEMM, for BatchNorm from its normalized input ×
+  cotangents, for any other layer (custom layers) from a vectorized (pfor) Jacobian of that layer alone.
 
 `contract` turns two blocks' features into the kernel block in the requested dtype.
 """
@@ -37,7 +37,10 @@ def _trainable(op):
 
 
 def structured_kind(op):
-    """'dense' or 'conv' when `op` is a Dense/Conv1D/Conv2D whose derivative has the patch × cotangent form."""
+    """'dense' or 'conv' when `op` is a Dense/Conv1D/Conv2D whose derivative has the patch × cotangent form,
+    'batchnorm' for BatchNormalization (affine per channel in inference mode), else None."""
+    if isinstance(op, keras.layers.BatchNormalization):
+        return "batchnorm"
     if getattr(op, "quantization_mode", None) or getattr(op, "lora_enabled", False):
         return None
     if not (op.trainable and getattr(op, "kernel", None) is not None and op.kernel.trainable):
@@ -112,7 +115,7 @@ class Features:
             kind = structured_kind(op) if self.structured else None
 
             def recorded(*args, **kwargs):
-                if kind:
+                if kind in ("dense", "conv"):
                     pre = _pre_activation(op, kind, args[0])
                     tape.watch(pre)
                     records.append((op, kind, args[0], [pre]))
@@ -120,7 +123,7 @@ class Features:
                 out = call(*args, **kwargs)
                 flat = tf.nest.flatten(out)
                 tape.watch(flat)
-                records.append((op, None, (args, kwargs), flat))
+                records.append((op, kind, args[0], flat) if kind else (op, None, (args, kwargs), flat))
                 return out
 
             return recorded
@@ -139,10 +142,15 @@ class Features:
         cotangents = tape.jacobian(total, [r[3] for r in records], unconnected_gradients="zero", experimental_use_pfor=True)
         jacobians, grams = {}, []
         for (op, kind, inputs, outputs), grads in zip(records, cotangents):
-            if kind and id(op) not in self._shared and outputs[0].shape[1:-1].num_elements() == 1:
+            if kind == "batchnorm":
+                jac = self._batchnorm_jacobian(op, inputs, grads[0], n)
+            elif kind and id(op) not in self._shared and outputs[0].shape[1:-1].num_elements() == 1:
                 grams.append(self._gram_term(op, kind, inputs, grads[0], n))
                 continue
-            jac = self._structured_jacobian(op, kind, inputs, grads[0], n) if kind else [self._layer_jacobian(op, inputs, grads, n)]
+            elif kind:
+                jac = self._structured_jacobian(op, kind, inputs, grads[0], n)
+            else:
+                jac = [self._layer_jacobian(op, inputs, grads, n)]
             previous = jacobians.get(id(op))
             jacobians[id(op)] = jac if previous is None else [a + b for a, b in zip(previous, jac)]
         return [self._cast(j) for jac in jacobians.values() for j in jac], grams
@@ -170,6 +178,22 @@ class Features:
         jac = tf.matmul(p, tf.reshape(g, (n, positions, -1)), transpose_a=True)  # (N, k, O·c) as one batched GEMM
         jac = tf.reshape(tf.transpose(tf.reshape(jac, (n, k, o, -1)), [0, 2, 1, 3]), (n, o, -1))
         return [jac, tf.reduce_sum(g, axis=1)] if op.use_bias else [jac]
+
+    def _batchnorm_jacobian(self, op, x, g, n):
+        """Per-example Jacobians [γ, β] (trainable ones only) of inference-mode BatchNorm, y = γ·x̂ + β with
+        x̂ = (x − moving mean)/√(moving var + ε): Σ over positions of x̂ ⊙ cotangent, and of the cotangent."""
+        dtype = tf.float64 if x.dtype == tf.float64 else tf.float32  # BatchNorm computes in ≥ float32
+        axis = op.axis % x.shape.rank
+        x = tf.reshape(tf.experimental.numpy.moveaxis(tf.cast(x, dtype), axis, -1), (n, -1, x.shape[axis]))
+        g = tf.experimental.numpy.moveaxis(tf.cast(g, dtype), axis + 1, -1)  # (O, N, ..., C)
+        g = tf.reshape(g, (self.out_dim, n, -1, g.shape[-1]))
+        mean, var = tf.cast(op.moving_mean.value, dtype), tf.cast(op.moving_variance.value, dtype)
+        jac = []
+        if op.scale and op.gamma.trainable:
+            jac.append(tf.einsum("ipc,aipc->iac", (x - mean) * tf.math.rsqrt(var + op.epsilon), g))
+        if op.center and op.beta.trainable:
+            jac.append(self._per_example(tf.reduce_sum(g, axis=2)))
+        return jac
 
     def _layer_jacobian(self, op, call_args, grads, n):
         """Per-example Jacobian of one layer's own trainable variables: its VJP on one example, vectorized

@@ -10,14 +10,20 @@ Shapes and normalisation (the neural-tangents convention): `trace_axes=()` gives
 Implementations (`implementation=`):
 
 - "structured": structured derivatives. Dense/Conv1D/Conv2D layers are differentiated from their inputs and
-  output cotangents (`kerasntk._ntk_features`); all other layers with trainable variables (BatchNorm γ/β,
-  custom layers) through their own per-example Jacobian. Needs a functional or Sequential model.
+  output cotangents, BatchNorm γ/β from its normalized inputs and output cotangents
+  (`kerasntk._ntk_features`); all other layers with trainable variables (custom layers) through their own
+  per-example Jacobian. Needs a functional or Sequential model.
 - "jacobian": per-layer Jacobian contraction: every layer through its own per-example Jacobian,
   contracted as one GEMM per block pair; a subclassed model is treated as one layer.
 - "ntk_vp": matrix-free Θv products (VJP then `ForwardAccumulator` JVP) applied to basis vectors; costs
   N2·O products per block, for checking and for models the other two cannot handle.
 - "auto": "structured" when the model has a functional graph (it is never slower than "jacobian": it
   does the same cotangent pass and replaces per-layer Jacobians by cheaper contractions), else "jacobian".
+
+Cost and memory: one forward pass and O backward passes (vectorized) per block of `batch_size` examples;
+for a symmetric kernel (x2 None) only the upper block triangle is computed, with the row block's features
+cached. Functions are `tf.function`s without XLA: on CPU, TensorFlow's oneDNN convolutions and GEMMs ran
+these kernels 1.5-2.5x faster than XLA-compiled ones (see BENCHMARKS.md, "NTK").
 """
 
 import os
@@ -161,7 +167,7 @@ class _Engine:
         if self.implementation != "ntk_vp":
             self.feats = Features(self.model, self.out_dim, self.implementation == "structured", self.dtype)
             self.features = tf.function(self.feats.features)
-            self.contract = tf.function(lambda f1, f2: self.feats.contract(f1, f2, self.trace), jit_compile=os.environ.get("KNTK_JIT") == "1")
+            self.contract = tf.function(lambda f1, f2: self.feats.contract(f1, f2, self.trace))
 
     def _pair(self, xa, xb):
         """One kernel block Θ(xa, xb) computed from scratch (used under a strategy and by ntk_vp)."""

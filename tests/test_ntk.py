@@ -1,6 +1,8 @@
 """Tests of kerasntk.ntk against independent references: a per-example per-logit tape.gradient loop,
 central finite differences (float64), closed forms for the kernel metrics, and MirroredStrategy."""
 
+import functools
+
 import keras
 import numpy as np
 import pytest
@@ -70,23 +72,19 @@ def _naive_jacobian(model, x):
 
 
 def _fd_jacobian(model, x, h=1e-6):
-    """J (N, O, P) by central differences on the flattened trainable parameters (error O(h²) + O(ε/h))."""
-    variables = model.trainable_variables
-    flat = np.concatenate([np.ravel(v) for v in variables])
-    sizes = np.cumsum([0] + [int(np.prod(v.shape)) for v in variables])
+    """J (N, O, P) by central differences, one trainable parameter at a time (error O(h²) + O(ε/h))."""
     forward = tf.function(lambda: model(tf.constant(x), training=False))
-
-    def f(w):
-        for v, a, b in zip(variables, sizes[:-1], sizes[1:]):
-            v.assign(w[a:b].reshape(v.shape))
-        return forward().numpy()
-
     cols = []
-    for p in range(flat.size):
-        step = np.zeros_like(flat)
-        step[p] = h
-        cols.append((f(flat + step) - f(flat - step)) / (2 * h))
-    f(flat)
+    for v in model.trainable_variables:
+        base = v.numpy()
+        for p in range(base.size):
+            step = np.zeros(base.size)
+            step[p] = h
+            v.assign(base + step.reshape(base.shape))
+            plus = forward().numpy()
+            v.assign(base - step.reshape(base.shape))
+            cols.append((plus - forward().numpy()) / (2 * h))
+        v.assign(base)
     return np.stack(cols, axis=-1)
 
 
@@ -101,47 +99,54 @@ def _close(actual, expected, rtol):
     np.testing.assert_allclose(actual, expected, rtol=rtol, atol=rtol * np.abs(expected).max())
 
 
-def _zoo_inputs(name):
+IMPLEMENTATIONS = ("auto", "structured", "jacobian", "ntk_vp")
+# Default run: every model through "auto" (what users get) and every implementation on cnn1d (Conv1D +
+# BatchNorm); the per-layer pfor Jacobians and the Θv loop trace slowly, so the other pairs are slow tests.
+FAST = {(name, "auto") for name in ZOO} | {("cnn1d", impl) for impl in IMPLEMENTATIONS}
+
+
+def _cases(names, fast=FAST):
+    return [pytest.param(name, impl, marks=() if (name, impl) in fast else pytest.mark.slow)
+            for name in names for impl in IMPLEMENTATIONS]
+
+
+@functools.lru_cache(maxsize=None)
+def _naive_case(name):
+    """A zoo model (all variables trainable), inputs x1 (3 examples), x2 (2) and their tape-loop Jacobians."""
     model, shape = _zoo(name)
     rng = np.random.default_rng(1)
     x1, x2 = rng.normal(size=(3, *shape)), rng.normal(size=(2, *shape))
     return model, x1, x2, _naive_jacobian(model, x1), _naive_jacobian(model, x2)
 
 
-@pytest.mark.parametrize("name", list(ZOO))
-def test_structured_matches_naive_reference(name):
-    """Full and trace kernels, x2 given or not, one block or padded blocks, agree with the tape loop."""
-    model, x1, x2, j1, j2 = _zoo_inputs(name)
-    full = ntk.empirical_ntk_fn(model, trace_axes=())
-    blocked = ntk.empirical_ntk_fn(model, trace_axes=(-1,), batch_size=2)
-    _close(full(x1, x2), _kernel(j1, j2, False), **TIGHT)
-    _close(full(x1), _kernel(j1, j1, False), **TIGHT)
-    _close(blocked(x1), _kernel(j1, j1, True), **TIGHT)
-    _close(blocked(x1, x2), _kernel(j1, j2, True), **TIGHT)
+def _check_kernels(model, implementation, x1, x2, j1, j2, rtol):
+    """Full and trace kernels, x2 given or not, one block or padded blocks of 2, against J1 J2ᵀ."""
+    full = ntk.empirical_ntk_fn(model, trace_axes=(), implementation=implementation)
+    blocked = ntk.empirical_ntk_fn(model, trace_axes=(-1,), implementation=implementation, batch_size=2)
+    if implementation == "auto":  # functional models resolve to structured derivatives
+        assert full.implementation == "structured"
+    _close(full(x1, x2), _kernel(j1, j2, False), rtol)
+    _close(full(x1), _kernel(j1, j1, False), rtol)
+    _close(blocked(x1), _kernel(j1, j1, True), rtol)
+    _close(blocked(x1, x2), _kernel(j1, j2, True), rtol)
 
 
-# The per-layer pfor Jacobians and the Θv loop trace slowly: cnn1d (Conv1D + BatchNorm) by default, the rest slow.
-OTHER_IMPLEMENTATIONS = [
-    pytest.param(name, marks=() if name == "cnn1d" else pytest.mark.slow) for name in ZOO
-]
-
-
-@pytest.mark.parametrize("implementation", ["jacobian", "ntk_vp"])
-@pytest.mark.parametrize("name", OTHER_IMPLEMENTATIONS)
-def test_other_implementations_match_naive_reference(name, implementation):
-    model, x1, x2, j1, j2 = _zoo_inputs(name)
-    _close(ntk.empirical_ntk_fn(model, trace_axes=(), implementation=implementation)(x1, x2), _kernel(j1, j2, False), **TIGHT)
-    blocked = ntk.empirical_ntk_fn(model, implementation=implementation, batch_size=2)
-    _close(blocked(x1), _kernel(j1, j1, True), **TIGHT)
+@pytest.mark.parametrize("name, implementation", _cases(ZOO))
+def test_matches_naive_reference(name, implementation):
+    model, x1, x2, j1, j2 = _naive_case(name)
+    _check_kernels(model, implementation, x1, x2, j1, j2, **TIGHT)
 
 
 def _mixed_model():
     """A functional model with what the zoo lacks: activations inside Dense/Conv, dilation, valid padding,
-    a frozen layer (must not count), a layer shared by two branches, max pooling and concatenation."""
+    a frozen layer and a frozen BatchNorm β (must not count), a layer shared by two branches, max pooling
+    and concatenation."""
     inputs = keras.Input((7, 7, 2))
     x = layers.Conv2D(3, 3, strides=2, padding="valid", activation="tanh")(inputs)
     y = layers.Conv2D(3, 2, dilation_rate=2, padding="same")(inputs)
-    y = layers.MaxPooling2D(2)(layers.BatchNormalization()(y))
+    norm = layers.BatchNormalization()
+    y = layers.MaxPooling2D(2)(norm(y))
+    norm.beta.trainable = False
     x = layers.Flatten()(x)
     y = layers.Flatten()(y)
     shared = layers.Dense(4, activation="relu")
@@ -151,9 +156,11 @@ def _mixed_model():
 
 
 def _conv1d_model():
-    """Conv1D with stride, valid and same padding, a Dense on a 3-D tensor (applied per position)."""
+    """Conv1D with stride, valid and same padding, BatchNorm over a non-last axis, a Dense on a 3-D tensor
+    (applied per position)."""
     inputs = keras.Input((9, 2))
     x = layers.Conv1D(3, 3, strides=2, padding="valid", activation="relu")(inputs)
+    x = layers.BatchNormalization(axis=1)(x)
     x = layers.Conv1D(2, 2, padding="same")(x)
     x = layers.Dense(3, activation="tanh")(x)
     return _randomize(keras.Model(inputs, layers.Dense(O)(layers.Flatten()(x))))
@@ -170,25 +177,34 @@ class _Subclassed(keras.Model):
         return self.out(self.hidden(x))
 
 
-FD_MODELS = {
-    "mlp": lambda: _zoo("mlp")[0],
-    "cnn": lambda: _zoo("cnn")[0],
-    "cnn1d": lambda: _zoo("cnn1d")[0],
-    "mixed": _mixed_model,
-    "conv1d": _conv1d_model,
-}
+FD_MODELS = {**{name: lambda name=name: _zoo(name)[0] for name in ZOO}, "mixed": _mixed_model, "conv1d": _conv1d_model}
+# Central differences cost two forward passes per parameter: the ResNets' (77k parameters) are taken over
+# the variables of at most FD_MAX_SIZE entries only (the others frozen), which keeps every kind of term —
+# stem and 1×1 projection convolutions, BatchNorm γ/β, the logits layer — behind the full residual graph.
+FD_MAX_SIZE = 600
+FD_FAST = {(name, "auto") for name in ("mlp", "cnn", "cnn1d", "mixed", "conv1d")} | {("mixed", "jacobian")}
 
 
-@pytest.mark.parametrize("name", list(FD_MODELS))
-def test_matches_central_finite_differences(name):
-    """Every implementation equals J Jᵀ with J from central differences; rtol 1e-6 covers the O(h²)
-    truncation (~1e-12) and the O(ε/h) rounding (~1e-10) of h = 1e-6 in float64."""
+@functools.lru_cache(maxsize=None)
+def _fd_case(name):
+    """A model for finite differences, inputs x1 (3 examples), x2 (2) and their central-difference Jacobians."""
     model = FD_MODELS[name]()
-    x = np.random.default_rng(2).normal(size=(3, *model.inputs[0].shape[1:]))
-    j = _fd_jacobian(model, x)
-    for implementation in ("structured", "jacobian") if name == "mixed" else ("structured",):
-        fn = ntk.empirical_ntk_fn(model, trace_axes=(), implementation=implementation)
-        _close(fn(x), _kernel(j, j, False), rtol=1e-6)
+    if name in ("resnet20", "wide_resnet"):
+        for v in model.trainable_variables:
+            v.trainable = int(np.prod(v.shape)) <= FD_MAX_SIZE
+    shape = model.inputs[0].shape[1:]
+    rng = np.random.default_rng(2)
+    x1, x2 = rng.normal(size=(3, *shape)), rng.normal(size=(2, *shape))
+    return model, x1, x2, _fd_jacobian(model, x1), _fd_jacobian(model, x2)
+
+
+@pytest.mark.parametrize("name, implementation", _cases(FD_MODELS, FD_FAST))
+def test_matches_central_finite_differences(name, implementation):
+    """J Jᵀ with J from central differences; rtol 1e-6 covers the O(h²) truncation (~1e-12) and the O(ε/h)
+    rounding (~1e-10) of h = 1e-6 in float64."""
+    model, x1, x2, j1, j2 = _fd_case(name)
+    _close(_naive_jacobian(model, x1), j1, rtol=1e-6)  # the two references agree on the same parameters
+    _check_kernels(model, implementation, x1, x2, j1, j2, rtol=1e-6)
 
 
 def test_frozen_and_shared_layers_against_naive():
@@ -240,8 +256,13 @@ def test_float64_contraction_of_float32_model():
     _close(k32.astype(np.float64), k64, rtol=1e-5)  # float32 products of ~1e2 terms
 
 
-@pytest.mark.parametrize("name", ["cnn1d", pytest.param("resnet20", marks=pytest.mark.slow)])
-def test_mirrored_strategy_matches_single_device(name, mirrored):
+@pytest.mark.parametrize("name, implementation", [
+    ("cnn1d", "auto"),
+    pytest.param("cnn1d", "jacobian", marks=pytest.mark.slow),
+    pytest.param("cnn1d", "ntk_vp", marks=pytest.mark.slow),
+    pytest.param("resnet20", "auto", marks=pytest.mark.slow),
+])
+def test_mirrored_strategy_matches_single_device(name, implementation, mirrored):
     """Block pairs spread over 2 logical CPUs (odd pair count: the last round is padded) give the same kernel."""
     strategy = mirrored
     with strategy.scope():
@@ -249,10 +270,29 @@ def test_mirrored_strategy_matches_single_device(name, mirrored):
     rng = np.random.default_rng(8)
     x1, x2 = rng.normal(size=(3, *shape)), rng.normal(size=(5, *shape))
     for trace_axes in ((), (-1,)):
-        kw = dict(trace_axes=trace_axes, batch_size=2)
+        kw = dict(trace_axes=trace_axes, batch_size=2, implementation=implementation)
+        single, mirrored_fn = ntk.empirical_ntk_fn(model, **kw), ntk.empirical_ntk_fn(model, strategy=strategy, **kw)
         for args in ((x1,), (x1, x2)):
-            expected = ntk.empirical_ntk_fn(model, **kw)(*args)
-            _close(ntk.empirical_ntk_fn(model, strategy=strategy, **kw)(*args), expected, **TIGHT)
+            _close(mirrored_fn(*args), single(*args), **TIGHT)
+
+
+# Compiling a ResNet's block pair takes 15-20 s on the loaded 2-core machine: the ResNets are slow tests.
+@pytest.mark.parametrize("name, implementation", _cases(ZOO, fast={(name, "auto") for name in ("mlp", "cnn", "cnn1d")}))
+def test_block_pair_compiles_with_xla_for_every_zoo_model(name, implementation):
+    """TPU readiness (issue 6): the function each replica runs under a strategy, `_Engine._pair` (features of
+    two blocks and their contraction), compiles with XLA for static block shapes, and gives the graph's kernel."""
+    _set_float("float32")  # what TPUs run
+    model, shape = _zoo(name)
+    x = np.random.default_rng(10).normal(size=(5, *shape)).astype("float32")
+    blocks = ntk._blocks(tf.constant(x), 2)  # 5 examples in blocks of 2: the last one is zero-padded
+    assert [tuple(b.shape) for _, _, b in blocks] == [(2, *shape)] * 3  # one static shape for every block
+    engine = ntk._Engine(model, ntk._check_implementation(model, implementation), False, tf.float32)
+    engine._setup(blocks[0][2])
+    compiled = tf.function(engine._pair, jit_compile=True)
+    xa, xb = blocks[0][2], blocks[2][2]
+    assert "HloModule" in compiled.experimental_get_compiler_ir(xa, xb)(stage="hlo")
+    # XLA fuses and reorders float32 sums over up to 8e4 parameters: agreement to ~1e-6 of the kernel's scale
+    _close(compiled(xa, xb).numpy(), engine.pair(xa, xb).numpy(), rtol=1e-5)
 
 
 @pytest.mark.parametrize("suffix", [".npy", ".nc"])
