@@ -144,9 +144,12 @@ def compare(nt_python, rows, repeats, rounds):
 # ---------------------------------------------------------------- scale
 
 
-SCALE = {  # name: (zoo model, input shape, options, trace_axes)
-    "resnet20": ("resnet20", (32, 32, 3), {}, (-1,)),
-    "cnn1d": ("cnn1d", (40, 1), {}, ()),
+# Block sizes: peak RSS grows with the block (features of a row and a column block, O backward passes);
+# ResNet-20 (272k parameters, O = 10: 11 MB of features per example) peaked at 4.0-4.9 GB with blocks of 64,
+# 3.2 GB with 48 and 2.9 GB with 32 (N = 256), so 32 leaves room under the 4 GB target.
+SCALE = {  # name: (zoo model, input shape, options, trace_axes, block size)
+    "resnet20": ("resnet20", (32, 32, 3), {}, (-1,), 32),
+    "cnn1d": ("cnn1d", (40, 1), {}, (), 128),
 }
 
 
@@ -155,7 +158,7 @@ def _scale_case(name, n, batch_size):
     import kerasntk.ntk as kntk
     from kerasntk import models
 
-    arch, shape, options, trace_axes = SCALE[name]
+    arch, shape, options, trace_axes, _ = SCALE[name]
     model = models.get(arch, shape, 10, **options)
     x = np.random.default_rng(0).normal(size=(n, *shape)).astype("float32")
     fn = kntk.empirical_ntk_fn(model, trace_axes=trace_axes, batch_size=batch_size)
@@ -184,7 +187,7 @@ def main():
     parser.add_argument("--scale", action="store_true", help="run the scale benchmark instead")
     parser.add_argument("--resnet-n", type=int, default=1024)
     parser.add_argument("--cnn1d-n", type=int, default=1000)
-    parser.add_argument("--batch-size", type=int, default=128, help="block size of the scale runs")
+    parser.add_argument("--batch-size", type=int, help="block size of the scale runs (default: per case, see SCALE)")
     parser.add_argument("--nt-worker", nargs=2, metavar=("SPEC", "OUT"), help=argparse.SUPPRESS)
     parser.add_argument("--scale-case", nargs=3, metavar=("NAME", "N", "BS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -193,7 +196,8 @@ def main():
     if args.scale_case:
         return _scale_case(args.scale_case[0], int(args.scale_case[1]), int(args.scale_case[2]))
     if args.scale:
-        return scale([("cnn1d", args.cnn1d_n, args.batch_size), ("resnet20", args.resnet_n, args.batch_size)])
+        return scale([(name, n, args.batch_size or SCALE[name][4])
+                      for name, n in (("cnn1d", args.cnn1d_n), ("resnet20", args.resnet_n))])
     if not args.nt_python:
         parser.error("--nt-python is required for the comparison (or pass --scale)")
     rows = args.rows.split(",")

@@ -86,11 +86,12 @@ class Features:
     """Computes NTK features of blocks of examples for a Keras model with `out_dim` logits.
 
     structured=False treats every layer through its per-example Jacobian (the "jacobian" implementation);
-    a model without a functional graph is treated as a single such layer.
+    a model without a functional graph is treated as a single such layer. trace=True: features for the
+    trace kernel (N1, N2), full kernel (N1, N2, O, O) otherwise.
     """
 
-    def __init__(self, model, out_dim, structured, dtype):
-        self.model, self.out_dim, self.structured, self.dtype = model, out_dim, structured, dtype
+    def __init__(self, model, out_dim, structured, dtype, trace):
+        self.model, self.out_dim, self.structured, self.dtype, self.trace = model, out_dim, structured, dtype, trace
         self.graph = functional_graph(model)
         self._shared = self._shared_layers()
 
@@ -176,7 +177,10 @@ class Features:
         o, positions, k = self.out_dim, p.shape[1], p.shape[2]
         g = tf.transpose(tf.reshape(g, (o, n, positions, -1)), [1, 2, 0, 3])  # (N, P, O, c)
         jac = tf.matmul(p, tf.reshape(g, (n, positions, -1)), transpose_a=True)  # (N, k, O·c) as one batched GEMM
-        jac = tf.reshape(tf.transpose(tf.reshape(jac, (n, k, o, -1)), [0, 2, 1, 3]), (n, o, -1))
+        if self.trace:  # the trace kernel sums over logits and parameters alike: any consistent order will do
+            jac = tf.reshape(jac, (n, 1, -1))
+        else:
+            jac = tf.reshape(tf.transpose(tf.reshape(jac, (n, k, o, -1)), [0, 2, 1, 3]), (n, o, -1))
         return [jac, tf.reduce_sum(g, axis=1)] if op.use_bias else [jac]
 
     def _batchnorm_jacobian(self, op, x, g, n):
@@ -220,12 +224,12 @@ class Features:
         jac = tf.vectorized_map(one_row, (tiled, cotangents))  # (O·N, F)
         return tf.transpose(tf.reshape(jac, (o, n, -1)), [1, 0, 2])
 
-    def contract(self, f1, f2, trace):
+    def contract(self, f1, f2):
         """Kernel block from two blocks' features: (N1, N2, O, O), or (N1, N2) averaged over logits if trace."""
         (jacs1, grams1), (jacs2, grams2) = f1, f2
         o = self.out_dim
         n1, n2 = _rows(f1), _rows(f2)
-        if trace:
+        if self.trace:
             k = tf.zeros((n1, n2), self.dtype)
             for j1, j2 in zip(jacs1, jacs2):
                 k += tf.matmul(tf.reshape(j1, (n1, -1)), tf.reshape(j2, (n2, -1)), transpose_b=True) / o

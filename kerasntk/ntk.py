@@ -22,8 +22,9 @@ Implementations (`implementation=`):
 
 Cost and memory: one forward pass and O backward passes (vectorized) per block of `batch_size` examples;
 for a symmetric kernel (x2 None) only the upper block triangle is computed, with the row block's features
-cached. Functions are `tf.function`s without XLA: on CPU, TensorFlow's oneDNN convolutions and GEMMs ran
-these kernels 1.5-2.5x faster than XLA-compiled ones (see BENCHMARKS.md, "NTK").
+cached. Functions are `tf.function`s without XLA, because on CPU XLA-compiled convnets ran 2-3x slower than
+TensorFlow's oneDNN kernels (BENCHMARKS.md, "Training"); the block pair a replica runs under a strategy
+compiles with XLA (tests/test_ntk.py), as TPUStrategy requires.
 """
 
 import os
@@ -165,14 +166,14 @@ class _Engine:
             raise ValueError(f"model {self.model.name!r} must output one (batch, logits) tensor, got {y!r}")
         self.out_dim = int(y.shape[-1])
         if self.implementation != "ntk_vp":
-            self.feats = Features(self.model, self.out_dim, self.implementation == "structured", self.dtype)
+            self.feats = Features(self.model, self.out_dim, self.implementation == "structured", self.dtype, self.trace)
             self.features = tf.function(self.feats.features)
-            self.contract = tf.function(lambda f1, f2: self.feats.contract(f1, f2, self.trace))
+            self.contract = tf.function(self.feats.contract)
 
     def _pair(self, xa, xb):
         """One kernel block Θ(xa, xb) computed from scratch (used under a strategy and by ntk_vp)."""
         if self.implementation != "ntk_vp":
-            return self.feats.contract(self.feats.features(xa), self.feats.features(xb), self.trace)
+            return self.feats.contract(self.feats.features(xa), self.feats.features(xb))
         nb, o = xb.shape[0], self.out_dim
         basis = tf.reshape(tf.eye(nb * o, dtype=self.model.compute_dtype), (nb * o, nb, o))
         cols = tf.map_fn(lambda v: _ntk_vp(self.model, xa, xb, v), basis)  # (nb·O, na, O)
