@@ -7,6 +7,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+import xarray as xr
 from keras import layers
 
 from kerasntk import models, ntk
@@ -319,6 +320,46 @@ def test_bad_arguments_are_named():
         ntk.empirical_ntk_fn(model, dtype="int32")
     with pytest.raises(ValueError, match=r"\.npy or \.nc"):
         ntk.empirical_ntk_fn(model)(np.zeros((2, *shape)), out="kernel.txt")
+
+
+def test_ntk_cli_measures_every_checkpoint_of_a_run(tmp_path):
+    """`kerasntk ntk RUN_DIR` computes the probe-set kernel of every parent checkpoint and writes parent(time,
+    metric) kernel metrics and kernel_distance(time, time_b), equal to those of kernels recomputed here."""
+    from kerasntk import cli, results, spawn
+    from kerasntk import config as cfg
+    from test_training import synthetic_arrays
+
+    _set_float("float32")  # the experiment trains in float32
+    arrays = synthetic_arrays(n_train=128, n_test=32, shape=(16, 1))
+    npz = tmp_path / "tiny.npz"
+    np.savez(npz, x_train=arrays.x_train, y_train=arrays.y_train, x_test=arrays.x_test, y_test=arrays.y_test)
+    config = cfg.load(None, [f"data.path={npz}", "data.name=npz", "train.length=2ep", "train.batch_size=32",
+                             "checkpoints.log_num=0", "checkpoints.every=1ep", "spawn.times=[]",
+                             "linearize.times=[]", "ntk.probe_size=12", "ntk.batch_size=5"])
+    run_dir = str(tmp_path / "run")
+    spawn.prepare_run_dir(config, run_dir)
+    experiment = spawn.Experiment(config, run_dir, verbose=0)
+    experiment.train_parent()
+    assert cli.main(["-q", "ntk", run_dir]) == 0
+    ds = xr.load_dataset(results.job_path(run_dir, "parent"))
+    steps = experiment.grid
+    assert len(steps) == 3 and ds.parent.dims == ("time", "metric") and ds.kernel_distance.dims == ("time", "time_b")
+    model, fn = experiment.parent.model, None
+    kernels = []
+    for step in steps:  # recompute every checkpoint's kernel from its weights
+        model.set_weights(experiment.weights_at(spawn.parent_dir(run_dir), step))
+        fn = fn or ntk.empirical_ntk_fn(model, batch_size=5)
+        kernels.append(fn(experiment.x_probe).astype(np.float64))
+        assert kernels[-1].shape == (12, 12)
+    # float32 kernels from the same engine and blocks: S agrees to float32 rounding of the kernels
+    S = np.array([[ntk.kernel_distance(a, b) for b in kernels] for a in kernels])
+    np.testing.assert_allclose(ds.kernel_distance.values, S, atol=1e-5)
+    assert S[0, -1] > 1e-3  # training moved the kernel: the comparison is not between constant kernels
+    parent = ds.parent.sel(metric=["kernel_distance_from_init", "kernel_alignment", "kernel_effective_rank"])
+    assert parent.notnull().all()
+    np.testing.assert_allclose(parent.sel(metric="kernel_distance_from_init"), S[0], atol=1e-5)
+    y = np.eye(arrays.num_classes)[experiment.y_probe]
+    np.testing.assert_allclose(parent.sel(metric="kernel_alignment"), [ntk.kernel_alignment(k, y) for k in kernels], rtol=1e-4)
 
 
 # ------------------------------------------------------------------------------------------- metrics
