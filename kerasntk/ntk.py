@@ -187,7 +187,10 @@ class _Engine:
         sym = x2 is None
         x2 = x1 if sym else _as_input(self.model, x2)
         blocks1, blocks2 = _blocks(x1, batch_size), _blocks(x2, batch_size)
-        pairs = [(i, j) for i in range(len(blocks1)) for j in range(len(blocks2)) if not sym or j >= i]
+        if sym:  # upper triangle, each row right to left: row i+1's features are row i's last column's
+            pairs = [(i, j) for i in range(len(blocks1)) for j in range(len(blocks1) - 1, i - 1, -1)]
+        else:
+            pairs = [(i, j) for i in range(len(blocks1)) for j in range(len(blocks2))]
         shape = (x1.shape[0], x2.shape[0]) + (() if self.trace else (self.out_dim,) * 2)
         sink = _Sink(shape, self.dtype.as_numpy_dtype, out)
 
@@ -208,13 +211,23 @@ class _Engine:
         return sink.close()
 
     def _run_cached(self, blocks1, blocks2, pairs, sym, write):
-        """Row-block features computed once per row; column features per pair (reused on the diagonal)."""
-        row, cached = None, None
+        """Row-block features computed once per row, column features once per pair; when symmetric the
+        diagonal and the next row reuse features already computed. At most two blocks' features are held."""
+        row = rows = col = cols = None
         for i, j in pairs:
             if i != row:
-                row, cached = i, self.features(blocks1[i][2])
-            cols = cached if sym and i == j else self.features(blocks2[j][2])
-            write(i, j, self.contract(cached, cols))
+                if sym and col == i:
+                    rows, cols = cols, None
+                else:
+                    rows = None  # release before computing the next block's features
+                    rows = self.features(blocks1[i][2])
+                row = i
+            if sym and i == j:
+                write(i, j, self.contract(rows, rows))
+                continue
+            cols = None  # likewise
+            col, cols = j, self.features(blocks2[j][2])
+            write(i, j, self.contract(rows, cols))
 
     def _run_distributed(self, strategy, blocks1, blocks2, pairs, write):
         """Spread block pairs over the strategy's replicas, R pairs per round (the last round padded)."""

@@ -113,10 +113,11 @@ def _cases(names, fast=FAST):
 
 @functools.lru_cache(maxsize=None)
 def _naive_case(name):
-    """A zoo model (all variables trainable), inputs x1 (3 examples), x2 (2) and their tape-loop Jacobians."""
+    """A zoo model (all variables trainable), inputs x1 (5 examples: 3 blocks of 2, the last padded), x2 (2)
+    and their tape-loop Jacobians."""
     model, shape = _zoo(name)
     rng = np.random.default_rng(1)
-    x1, x2 = rng.normal(size=(3, *shape)), rng.normal(size=(2, *shape))
+    x1, x2 = rng.normal(size=(5, *shape)), rng.normal(size=(2, *shape))
     return model, x1, x2, _naive_jacobian(model, x1), _naive_jacobian(model, x2)
 
 
