@@ -3,8 +3,9 @@
 Both sides do the same work per epoch: SGD with momentum 0.9, softmax cross-entropy, one pass over the
 training set and one evaluation on the test set, in the same compile mode: every case runs once with
 plain graphs (`jit_compile=False`, kerasntk's default on CPU) and once XLA-compiled (`jit_compile=True`,
-kerasntk's default on TPU/GPU). Compilation is excluded (a warm-up epoch); each side's epoch time is the
-median over repeats. Ratio > 1 means kerasntk is faster.
+kerasntk's default on TPU/GPU). Op determinism (kerasntk's default) is off on both sides: it is process-wide,
+and Keras silently ignores `jit_compile=True` while it is on. Compilation is excluded (a warm-up epoch);
+each side's epoch time is the median over repeats. Ratio > 1 means kerasntk is faster.
 
     python benchmarks/train_step.py [--repeats 5]
 """
@@ -54,7 +55,7 @@ def kerasntk_epoch_times(case, arrays, repeats, xla):
                              f"train.length={repeats + 1}ep", "train.lr=0.01", "train.weight_decay=0",
                              f"train.eval_batch_size={case['eval_batch']}", "checkpoints.log_num=0",
                              "checkpoints.every=null", "spawn.times=[]", "linearize.times=[]",
-                             f"train.jit_compile={str(xla).lower()}"])
+                             f"train.jit_compile={str(xla).lower()}", "train.deterministic=false"])
     config.model.options = dict(case["options"])
     with tempfile.TemporaryDirectory() as job:
         trainer = training.Trainer(config, job, arrays=arrays)

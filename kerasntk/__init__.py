@@ -6,8 +6,9 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 __version__ = "0.1.0"
 
-from kerasntk import config, data, distribute, landscape, models, ntk, results, training  # noqa: E402
+from kerasntk import callbacks, config, data, distribute, landscape, models, ntk, plots, results, training  # noqa: E402
 from kerasntk.linearize import Linearized, kernel_regression, linearize  # noqa: E402
 from kerasntk.spawn import run  # noqa: E402
 
-__all__ = ["Linearized", "config", "data", "distribute", "kernel_regression", "landscape", "linearize", "models", "ntk", "results", "run", "training"]
+__all__ = ["Linearized", "callbacks", "config", "data", "distribute", "kernel_regression", "landscape", "linearize", "models", "ntk", "plots", "results", "run",
+           "training"]

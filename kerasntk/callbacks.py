@@ -274,7 +274,9 @@ class SpawnCheckpoint(_Timed):
         self._checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self._optimizer)
         os.makedirs(self.directory, exist_ok=True)
         self._data_path, self._n_train = self._write_data()
-        self.model.save(os.path.join(self.directory, "model.keras"))
+        tmp = os.path.join(self.directory, ".model.tmp.keras")  # renamed: a kill never leaves half a model
+        self.model.save(tmp)
+        os.replace(tmp, os.path.join(self.directory, "model.keras"))
         super().on_train_begin(logs)
         _warn_if_epochs_differ(self.steps_per_epoch, data.steps_per_epoch(self._n_train, self.batch_size))
         planned = self.params.get("epochs", 0) * self.steps_per_epoch

@@ -98,7 +98,7 @@ def _dispatch(args, verbose):
         return 0
     if args.command == "ntk":
         _existing_run(args.run_dir, verbose)[1].measure_parent()
-        print(f"parent kernel metrics: {spawn.results_path(args.run_dir, 'parent')}")
+        print(f"parent kernel metrics: {results.job_path(args.run_dir, 'parent')}")
         return 0
     if args.command == "merge":
         path = os.path.join(args.run_dir, "results.nc")

@@ -22,14 +22,15 @@ def split_cpu(n):
             ) from None
 
 
-def _connect_tpu(tpu):
-    """TPUStrategy for `tpu` ('' on Colab, 'local' on a TPU VM, a name or grpc address), or None."""
+def _connect_tpu(tpu, explicit):
+    """TPUStrategy for `tpu` ('' on Colab, 'local' on a TPU VM, a name or grpc address), or None when a
+    probe (not `explicit`) finds none."""
     try:
         resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
         tf.config.experimental_connect_to_cluster(resolver)
         tf.tpu.experimental.initialize_tpu_system(resolver)
     except (ValueError, RuntimeError, tf.errors.NotFoundError, tf.errors.UnavailableError) as err:
-        if tpu:  # asked for explicitly: failing to reach it is an error
+        if explicit:  # asked for: failing to reach it is an error
             raise RuntimeError(f"cannot reach TPU {tpu!r}: {err}") from err
         return None
     return tf.distribute.TPUStrategy(resolver)
@@ -42,7 +43,7 @@ def get_strategy(tpu=None, logical_cpus=0):
     logical_cpus: if > 1, MirroredStrategy over that many logical CPUs (testing on one host).
     """
     if tpu is not None or os.environ.get("COLAB_TPU_ADDR") or os.environ.get("TPU_NAME"):
-        strategy = _connect_tpu(tpu if tpu is not None else os.environ.get("TPU_NAME", ""))
+        strategy = _connect_tpu(tpu if tpu is not None else os.environ.get("TPU_NAME", ""), tpu is not None)
         if strategy is not None:
             log.info("TPUStrategy with %d replicas", strategy.num_replicas_in_sync)
             return strategy

@@ -278,6 +278,8 @@ def _conjugate_gradients(matvec, b, tol, max_iter):
     p = r.copy()
     rr = np.vdot(r, r)
     b_norm = np.sqrt(np.vdot(b, b)) or 1.0
+    if rr == 0:  # b = 0 (targets equal the network's outputs): x = 0 exactly
+        return x, 0, 0.0
     for it in range(1, max_iter + 1):
         ap = matvec(p)
         step = rr / np.vdot(p, ap)

@@ -1,5 +1,6 @@
 """The model zoo: Keras functional models that output logits, looked up by name with `get`."""
 
+import inspect
 import os
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -29,10 +30,13 @@ def get(name, input_shape, num_classes, **kw):
     """Build zoo model `name` for inputs of `input_shape` (no batch axis) and `num_classes` logits."""
     if name not in _REGISTRY:
         raise ValueError(f"unknown model {name!r}; allowed: {', '.join(names())}")
+    builder = _REGISTRY[name]
     try:
-        return _REGISTRY[name](tuple(input_shape), int(num_classes), **kw)
+        inspect.signature(builder).bind(tuple(input_shape), int(num_classes), **kw)
     except TypeError as err:
-        raise ValueError(f"bad options for model {name!r}: {err}") from None
+        allowed = [p for p in inspect.signature(builder).parameters if p not in ("input_shape", "num_classes")]
+        raise ValueError(f"bad options for model {name!r}: {err}; allowed options: {', '.join(allowed)}") from None
+    return builder(tuple(input_shape), int(num_classes), **kw)
 
 
 def _norm(x, batchnorm, name):

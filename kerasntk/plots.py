@@ -34,7 +34,9 @@ def report(ds, out_dir):
             continue
         for ext in ("png", "pdf"):
             path = os.path.join(out_dir, f"{name}.{ext}")
-            fig.savefig(path, dpi=150, bbox_inches="tight")
+            tmp = os.path.join(out_dir, f".{name}.tmp.{ext}")  # renamed: a kill never leaves half a figure
+            fig.savefig(tmp, dpi=150, bbox_inches="tight")
+            os.replace(tmp, path)
             paths.append(path)
     return paths
 

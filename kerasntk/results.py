@@ -48,7 +48,6 @@ METRICS = {
     "linearized_test_error": ("test error of the network linearized at time t, trained on the train set", "1"),
     "linearized_test_loss": ("test cross-entropy of the network linearized at time t (nats)", "1"),
     "linearized_val_selected_test_error": ("linearized network test error at the validation-best epoch", "1"),
-    "kernel_regression_test_error": ("test error of kernel regression with the NTK (proxy)", "1"),
     "error_barrier": ("test-error barrier: max over the linear path minus the endpoint mean", "1"),
     "loss_barrier": ("test-loss barrier: max over the linear path minus the endpoint mean (nats)", "1"),
     "train_error_barrier": ("train-error barrier along the linear path", "1"),
@@ -73,7 +72,8 @@ _VARIABLES = {
     "pair": "metrics between children spawn_a and spawn_b spawned at time t",
     "path": "metrics along the linear path from child spawn_a (alpha=0) to child spawn_b (alpha=1)",
     "kernel_distance": "NTK distance S(K_t, K_t') = 1 - <K_t, K_t'>_F / (|K_t|_F |K_t'|_F) of the parent",
-    "correlation": "correlation across spawn time of the per-time summaries of two metrics (see attribute method)",
+    "correlation": "Spearman correlation across spawn time of the per-time summaries of two metrics",
+    "correlation_pearson": "Pearson correlation across spawn time of the per-time summaries of two metrics",
 }
 
 _COORDS = {
@@ -156,9 +156,10 @@ def pair_dataset(step, time, pairs, metrics, alphas, curves, attrs=None):
 
 
 def job_path(run_dir, kind, step=None, child=None):
-    """Path of a job file in RUN_DIR/results: parent.nc, child_s{step:08d}_c{child}.nc, pair_s{step:08d}.nc."""
-    names = dict(parent=lambda: "parent.nc", child=lambda: f"child_s{int(step):08d}_c{int(child)}.nc",
-                 pair=lambda: f"pair_s{int(step):08d}.nc")
+    """Path of a job file in RUN_DIR/results: parent.nc, linearized_s{step:08d}.nc, child_s{step:08d}_c{child}.nc,
+    pair_s{step:08d}.nc."""
+    names = dict(parent=lambda: "parent.nc", linearized=lambda: f"linearized_s{int(step):08d}.nc",
+                 child=lambda: f"child_s{int(step):08d}_c{int(child)}.nc", pair=lambda: f"pair_s{int(step):08d}.nc")
     if kind not in names:
         raise ValueError(f"job kind must be one of {sorted(names)}; got {kind!r}")
     return os.path.join(os.fspath(run_dir), "results", names[kind]())
@@ -201,6 +202,7 @@ def merge(paths_or_run_dir):
     _warn_orphan_times(datasets, merged)
     if "time" in merged.coords and ("child" in merged or "pair" in merged):
         merged["correlation"] = correlation(merged)
+        merged["correlation_pearson"] = correlation(merged, method="pearson")
     return _finish(merged, None)
 
 

@@ -11,7 +11,6 @@ Run directory layout (every job is skipped when its result exists, and resumes w
 """
 
 import json
-import logging
 import os
 
 import numpy as np
@@ -20,7 +19,6 @@ import tensorflow as tf
 from kerasntk import config as cfg
 from kerasntk import data, kernel_learning, landscape, ntk, results, training
 
-log = logging.getLogger(__name__)
 
 
 # -- run directory -------------------------------------------------------------------------------------------
@@ -58,10 +56,6 @@ def child_dir(run_dir, step, child):
     return os.path.join(run_dir, "children", f"s{step:08d}_c{child}")
 
 
-def results_path(run_dir, name):
-    return os.path.join(run_dir, "results", f"{name}.nc")
-
-
 def child_seeds(config, step, child):
     """Independent data-order and augmentation seeds of child `child` spawned at `step` (a pure function)."""
     t = config.train
@@ -89,6 +83,7 @@ class Experiment:
         la = config.landscape
         self.train_subset = rng.permutation(len(self.arrays.x_train))[:la.train_examples]
         self.bn_subset = rng.permutation(len(self.arrays.x_train))[:la.bn_examples]
+        self._ntk_fn = None
 
     def _steps(self, times):
         return sorted({cfg.parse_duration(t).steps(self.steps_per_epoch) for t in times})
@@ -129,17 +124,18 @@ class Experiment:
         if cache_path and tf.io.gfile.exists(cache_path):
             return np.load(cache_path)
         self.parent.model.set_weights(weights)
-        n = self.config.ntk
-        fn = ntk.empirical_ntk_fn(self.parent.model, trace_axes=(-1,), implementation=n.implementation,
-                                  batch_size=n.batch_size)
-        kernel = np.asarray(fn(self.x_probe), np.float64)
+        if self._ntk_fn is None:  # one function for every checkpoint: traced once, blocks spread over replicas
+            n = self.config.ntk
+            self._ntk_fn = ntk.empirical_ntk_fn(self.parent.model, trace_axes=(-1,), implementation=n.implementation,
+                                                batch_size=n.batch_size, strategy=self.strategy)
+        kernel = np.asarray(self._ntk_fn(self.x_probe), np.float64)
         if cache_path:
             _save_npy_atomic(cache_path, kernel)
         return kernel
 
     def measure_parent(self):
         """parent(time, metric) and kernel_distance(time, time_b) over the grid: errors, kernels, distances."""
-        path = results_path(self.run_dir, "parent")
+        path = results.job_path(self.run_dir, "parent")
         if tf.io.gfile.exists(path):
             return
         x_train, y_train = self.arrays.x_train[self.train_subset], self.arrays.y_train[self.train_subset]
@@ -160,11 +156,14 @@ class Experiment:
                 kernels.append(self.kernel(w, os.path.join(job, "kernels", f"step_{step:08d}.npy")))
         times = np.array(self.grid) / self.steps_per_epoch
         metrics = {k: np.array([r[k] for r in rows]) for k in rows[0]}
+        travel = metrics["weight_distance_from_init"]
+        metrics["relative_weight_distance_from_init"] = travel / travel[-1] if travel[-1] > 0 else np.full_like(travel, np.nan)
         metrics["learning_rate"] = np.array(lrs)
         kernel_distance = None
         if kernels:
             kernel_metrics, kernel_distance = ntk.trajectory_metrics(kernels, times, _onehot(self.y_probe, self.arrays.num_classes), learning_rates=lrs)
             metrics.update(kernel_metrics)
+            metrics["kernel_top_eigenvalue"] = np.array([ntk.eigenvalues(k, 1)[0] for k in kernels])
         results.write_atomic(results.parent_dataset(self.grid, times, metrics, kernel_distance=kernel_distance,
                                                     attrs=self._attrs()), path)
 
@@ -172,7 +171,7 @@ class Experiment:
 
     def run_linearized(self, step):
         """Train the parent's linearization at `step` on the training set; one row of parent(time, metric)."""
-        path = results_path(self.run_dir, f"linearized_s{step:08d}")
+        path = results.job_path(self.run_dir, "linearized", step)
         if tf.io.gfile.exists(path):
             return
         self._require_parent_checkpoint(step)
@@ -194,7 +193,7 @@ class Experiment:
 
     def run_child(self, step, child):
         """Train child `child` spawned at parent `step` to the end and write its outcomes (skipped if done)."""
-        path = results_path(self.run_dir, f"child_s{step:08d}_c{child}")
+        path = results.job_path(self.run_dir, "child", step, child)
         if tf.io.gfile.exists(path):
             return
         self._require_parent_checkpoint(step)
@@ -225,9 +224,9 @@ class Experiment:
 
         Returns True when written; False when already done or when some child has not finished yet.
         """
-        path = results_path(self.run_dir, f"pair_s{step:08d}")
+        path = results.job_path(self.run_dir, "pair", step)
         children = self.config.spawn.children
-        done = all(tf.io.gfile.exists(results_path(self.run_dir, f"child_s{step:08d}_c{c}")) for c in range(children))
+        done = all(tf.io.gfile.exists(results.job_path(self.run_dir, "child", step, c)) for c in range(children))
         if tf.io.gfile.exists(path) or children < 2 or not done:
             return False
         weights = [self.weights_at(child_dir(self.run_dir, step, c), self.parent.total_steps) for c in range(children)]

@@ -234,8 +234,21 @@ def test_mirrored_strategy_matches_single_device(mirrored):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
 
 
+@pytest.fixture
+def keras_xla():
+    """Keras ignores compile(jit_compile=True) while op determinism is on, which the kerasntk trainer turns
+    on process-wide (in earlier tests); switch it off for one test and restore it."""
+    from tensorflow.python.framework import config as tf_config
+
+    was_on = tf_config.is_op_determinism_enabled()
+    tf_config.disable_op_determinism()
+    yield
+    if was_on:
+        tf_config.enable_op_determinism()
+
+
 @pytest.mark.parametrize("order", [1, 2])
-def test_jit_compiled_training_matches_graph(order):
+def test_jit_compiled_training_matches_graph(order, keras_xla):
     model = tiny_model(seed=4, dtype="float32")
     rng = np.random.default_rng(10)
     x, y = rng.normal(size=(8, 5)).astype("float32"), rng.normal(size=(8, 3)).astype("float32")
@@ -249,17 +262,31 @@ def test_jit_compiled_training_matches_graph(order):
 
 @pytest.mark.parametrize("name, shape, options", ZOO, ids=[f"{z[0]}-{i}" for i, z in enumerate(ZOO)])
 def test_linearized_step_compiles_with_xla_for_every_zoo_model(name, shape, options):
-    """TPU readiness of the kernel-learning job: the linearized train step of every zoo model, fed by the
-    experiment's own input pipeline (static shapes, drop_remainder), compiles with XLA and trains Δw."""
+    """TPU readiness of the kernel-learning job: the linearized train step of every zoo model, with the JVP
+    that TPUStrategy selects ("transpose") and a batch from the experiment's own input pipeline (static
+    shapes, drop_remainder), compiles with XLA and trains Δw. The step is built by hand: Keras silently
+    drops `compile(jit_compile=True)` once op determinism is enabled, as the kerasntk trainer does."""
     model = models.get(name, shape, 4, **options)
-    lin = linearize(model)
-    lin.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9), jit_compile=True,
-                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    assert lin.jit_compile is True and lin._jvp_method() == "transpose"  # the XLA-safe JVP is chosen
+    lin = linearize(model, jvp="transpose")
+    optimizer = keras.optimizers.SGD(0.05, momentum=0.9)
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     batches = data.train_batches(synthetic_arrays(32, 16, shape, 4), batch_size=8, epoch=0, order_seed=0,
                                  augment_seed=0)
     assert all(dim is not None for dim in batches.element_spec[0].shape)  # static batch shape
-    lin.fit(batches.take(2), epochs=1, shuffle=False, verbose=0)  # jit_compile=True raises if XLA cannot compile the step
+    x, y = next(iter(batches))
+    lin(x)
+    optimizer.build(lin.trainable_variables)
+
+    @tf.function(jit_compile=True)
+    def step(x, y):
+        with tf.GradientTape() as tape:
+            loss = loss_fn(y, lin(x, training=True))
+        optimizer.apply_gradients(zip(tape.gradient(loss, lin.trainable_variables), lin.trainable_variables))
+        return loss
+
+    assert "HloModule" in step.experimental_get_compiler_ir(x, y)(stage="hlo")
+    for x, y in batches.take(2):
+        step(x, y)
     deltas = [d.numpy() for d in lin.trainable_weights]
     assert all(np.isfinite(d).all() for d in deltas) and any(np.abs(d).max() > 0 for d in deltas)
 

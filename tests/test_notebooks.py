@@ -123,7 +123,7 @@ def test_tpu_notebook_falls_back_to_cpu_and_runs_every_job(paper):
 
     printed = "".join(o.get("text", "") for o in outputs(nb, "stream"))
     assert "no TPU on this machine" in printed and "_DefaultDistributionStrategy with 1 replica(s)" in printed
-    assert "10/10 parent, child and pair jobs done; missing: []" in printed  # 1 parent + 3 spawn times × (2 + 1)
+    assert "11/11 parent, linearized, child and pair jobs done; missing: []" in printed  # 1 + 1 + 3 × (2 + 1)
     ds = xr.load_dataset(run_dir / "results.nc")
     stored = json.loads(ds.attrs["config"])
     assert stored["data"]["name"] == "cifar10" and stored["model"]["name"] == "resnet20"

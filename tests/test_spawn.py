@@ -63,7 +63,9 @@ def test_run_writes_the_schema_and_the_metric_contract(clean_run, npz):
     barrier = ds.pair.sel(metric="error_barrier", time=spawn_times)
     assert barrier.notnull().all()
     assert ds.path.sel(metric="test_error").dropna("time", how="all").sizes["alpha"] == 5
-    assert np.allclose(np.diag(ds.kernel_distance.values), 0, atol=1e-12)
+    k0, kt = (np.load(p) for p in sorted((run_dir / "parent" / "kernels").glob("step_*.npy"))[::len(ds.time) - 1])
+    naive = 1 - np.sum(k0 * kt) / np.sqrt(np.sum(k0 * k0) * np.sum(kt * kt))  # S(K_0, K_T) from the cached kernels
+    assert ds.kernel_distance.values[0, -1] == pytest.approx(naive, rel=1e-9) and naive > 1e-4
     linearized = ds.parent.sel(metric="linearized_test_error")
     assert linearized.sel(time=[0.0, 1.0]).notnull().all() and linearized.notnull().sum() == 2
     assert "config" in on_disk.attrs and cfg.from_dict(__import__("json").loads(on_disk.attrs["config"])) == cfg.load(None, tiny(npz))
@@ -137,8 +139,10 @@ def test_run_dir_with_another_config_is_refused(tmp_path, npz):
         spawn.prepare_run_dir(cfg.load(None, tiny(npz, "train.lr=0.2")), str(tmp_path))
 
 
-def test_paper_config_dry_run_on_mock_cifar10(tmp_path):
+def test_paper_config_dry_run_on_mock_cifar10(tmp_path, capsys):
     """The paper config builds its model, data pipeline (mock CIFAR-10) and grids without training."""
+    from kerasntk import cli
+
     write_tfds_metadata(tmp_path, "cifar10", n_train=256, n_test=64)
     config = cfg.load("configs/cifar10_resnet20.yaml", [f"data.data_dir={tmp_path}", "ntk.probe_size=100"])
     with tfds.testing.mock_data(num_examples=256, policy=tfds.testing.MockPolicy.USE_FILES, data_dir=str(tmp_path)):
@@ -148,7 +152,11 @@ def test_paper_config_dry_run_on_mock_cifar10(tmp_path):
     assert "resnet20: 27" in plan["model"]  # ResNet-20 with BatchNorm: ~0.27M parameters
     assert plan["spawn_times"][0] == 0 and plan["child_jobs"] == 3 * len(plan["spawn_times"])
     assert plan["checkpoints"][-1] == 200
-    assert not os.path.exists(tmp_path / "run" / "config.json")  # a dry run writes nothing
+    with tfds.testing.mock_data(num_examples=256, policy=tfds.testing.MockPolicy.USE_FILES, data_dir=str(tmp_path)):
+        assert cli.main(["run", "configs/cifar10_resnet20.yaml", "--set", f"data.data_dir={tmp_path}",
+                         "--set", "ntk.probe_size=100", "--out", str(tmp_path / "cli_run"), "--dry-run"]) == 0
+    assert "child_jobs" in capsys.readouterr().out
+    assert not os.path.exists(tmp_path / "cli_run")  # a dry run writes nothing
 
 
 def test_spawn_cli_rejects_a_time_off_the_grid(tmp_path, npz):

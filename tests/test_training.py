@@ -69,7 +69,8 @@ def test_training_learns_and_logs_every_epoch(tmp_path):
     trainer.restore()
     history = trainer.train(save_steps=[0, 4, trainer.total_steps], verbose=0)
     assert [h["epoch"] for h in history] == [1, 2, 3]
-    assert history[-1]["test_error"] < 0.5 < history[0]["train_error"] + 0.5  # far better than chance (0.9)
+    assert history[0]["train_error"] > history[-1]["train_error"]  # learning
+    assert history[-1]["test_error"] < 0.5  # far better than chance (0.9)
     assert training.saved_checkpoints(str(tmp_path)) == [0, 4, trainer.total_steps]
 
 
