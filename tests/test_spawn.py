@@ -159,6 +159,18 @@ def test_paper_config_dry_run_on_mock_cifar10(tmp_path, capsys):
     assert not os.path.exists(tmp_path / "cli_run")  # a dry run writes nothing
 
 
+def test_readme_python_api_config_is_valid(tmp_path):
+    """The config of the README's Python API example passes validation against the real data (a dry run)."""
+    import re
+
+    import kerasntk as kn
+
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    call = re.search(r"config = (kn\.config\.load\(None, \[.*\]\))", readme).group(1)
+    plan = spawn.Experiment(eval(call, {"kn": kn}), str(tmp_path), verbose=0).plan()
+    assert plan["checkpoints"][-1] == 10 and plan["child_jobs"] == 15
+
+
 def test_spawn_cli_rejects_a_time_off_the_grid(tmp_path, npz):
     config = cfg.load(None, tiny(npz))
     spawn.prepare_run_dir(config, str(tmp_path))
