@@ -17,6 +17,12 @@ def _config_args(parser):
                         help="load the data, build the model and the grids, print the plan, train nothing")
 
 
+def _machine_args(parser):
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                        help="this machine's setting for the stored config: data.data_dir, distribute.tpu or "
+                             "distribute.logical_cpus (repeatable)")
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="kerasntk",
@@ -28,13 +34,16 @@ def build_parser():
     _config_args(sub.add_parser("train", help="train the parent only, saving the checkpoint grid"))
     p = sub.add_parser("spawn", help="run one child job of a run directory (for sweeps over many machines)")
     p.add_argument("run_dir")
+    _machine_args(p)
     p.add_argument("--time", required=True, help="spawn time: epochs (0.5, '2ep') or steps ('100it')")
     p.add_argument("--child", required=True, type=int, help="child index, 0..children-1")
     p = sub.add_parser("linearize", help="train the parent's linearization at one time (one kernel-learning job)")
     p.add_argument("run_dir")
+    _machine_args(p)
     p.add_argument("--time", required=True, help="parent time: epochs (2, '2ep') or steps ('100it')")
     p = sub.add_parser("ntk", help="measure the parent at every checkpoint: errors, NTKs, kernel metrics")
     p.add_argument("run_dir")
+    _machine_args(p)
     p = sub.add_parser("merge", help="merge a run directory's result files into RUN_DIR/results.nc")
     p.add_argument("run_dir")
     p = sub.add_parser("report", help="draw the figures of a results file (PNG and PDF)")
@@ -84,7 +93,7 @@ def _dispatch(args, verbose):
         print(f"results: {os.path.join(run_dir, 'results.nc')}; {len(figures)} figures in {run_dir}")
         return 0
     if args.command == "spawn":
-        config, experiment = _existing_run(args.run_dir, verbose)
+        config, experiment = _existing_run(args, verbose)
         step = _job_step(experiment, args.time, experiment.spawn_steps, "a spawn time")
         if not 0 <= args.child < config.spawn.children:
             raise cfg.ConfigError(f"--child {args.child} is not allowed; allowed: 0..{config.spawn.children - 1}")
@@ -93,11 +102,11 @@ def _dispatch(args, verbose):
             print(f"all children of spawn step {step} done: pair measurements written")
         return 0
     if args.command == "linearize":
-        _, experiment = _existing_run(args.run_dir, verbose)
+        _, experiment = _existing_run(args, verbose)
         experiment.run_linearized(_job_step(experiment, args.time, experiment.grid, "a checkpoint"))
         return 0
     if args.command == "ntk":
-        _existing_run(args.run_dir, verbose)[1].measure_parent()
+        _existing_run(args, verbose)[1].measure_parent()
         print(f"parent kernel metrics: {results.job_path(args.run_dir, 'parent')}")
         return 0
     if args.command == "merge":
@@ -114,13 +123,13 @@ def _dispatch(args, verbose):
     raise AssertionError(args.command)
 
 
-def _existing_run(run_dir, verbose):
-    """(config, Experiment) of a prepared run directory, on the strategy its config asks for."""
+def _existing_run(args, verbose):
+    """(config, Experiment) of the prepared run directory `args.run_dir`, with this machine's `--set` fields."""
     from kerasntk import distribute, spawn
 
-    config = spawn.load_run_config(run_dir)
+    config = spawn.load_run_config(args.run_dir, args.overrides)
     strategy = distribute.get_strategy(config.distribute.tpu, config.distribute.logical_cpus)
-    return config, spawn.Experiment(config, run_dir, strategy=strategy, verbose=verbose)
+    return config, spawn.Experiment(config, args.run_dir, strategy=strategy, verbose=verbose)
 
 
 def _job_step(experiment, time, allowed, what):

@@ -175,9 +175,17 @@ class Config:
     def to_json(self):
         return json.dumps(self.to_dict(), sort_keys=True)
 
+    def identity(self):
+        """The config without MACHINE_FIELDS: what a run computes, not where it runs."""
+        raw = self.to_dict()
+        for key in MACHINE_FIELDS:
+            section, name = key.split(".")
+            raw[section].pop(name)
+        return raw
+
     def digest(self):
-        """A short hash of the config: names run directories, so equal configs share one (idempotent re-runs)."""
-        return hashlib.sha256(self.to_json().encode()).hexdigest()[:8]
+        """A short hash of the identity: names run directories, so equal configs share one (idempotent re-runs)."""
+        return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:8]
 
     def run_name(self):
         return f"{self.data.name}_{self.model.name}_{self.digest()}"
@@ -196,6 +204,10 @@ def from_dict(raw, cls=Config, where=""):
         sub = fields[key].type
         kwargs[key] = from_dict(value, sub, path) if dataclasses.is_dataclass(sub) else value
     return cls(**kwargs)
+
+
+# Where a run executes, not what it computes: they may differ between the machines sharing a run directory.
+MACHINE_FIELDS = ("data.data_dir", "distribute.tpu", "distribute.logical_cpus")
 
 
 def load(path=None, overrides=()):

@@ -24,12 +24,13 @@ from kerasntk import data, kernel_learning, landscape, ntk, results, training
 # -- run directory -------------------------------------------------------------------------------------------
 
 def prepare_run_dir(config, run_dir):
-    """Create `run_dir` holding `config.json`; refuse a directory made with a different config."""
+    """Create `run_dir` holding `config.json`; refuse a directory made with a different config (machine
+    fields, `cfg.MACHINE_FIELDS`, may differ)."""
     path = os.path.join(run_dir, "config.json")
     if tf.io.gfile.exists(path):
         with tf.io.gfile.GFile(path) as f:
-            stored = json.load(f)
-        if stored != json.loads(config.to_json()):
+            stored = cfg.from_dict(json.load(f))
+        if stored.identity() != config.identity():
             raise cfg.ConfigError(
                 f"run directory {run_dir!r} was made with a different config; pass another --out, "
                 f"or re-run with the stored one: kerasntk run {path}")
@@ -39,13 +40,17 @@ def prepare_run_dir(config, run_dir):
     return run_dir
 
 
-def load_run_config(run_dir):
-    """The config stored in a run directory, validated."""
+def load_run_config(run_dir, overrides=()):
+    """The config stored in a run directory, validated; `overrides` may set this machine's fields only."""
     path = os.path.join(run_dir, "config.json")
     if not tf.io.gfile.exists(path):
         raise cfg.ConfigError(f"{run_dir!r} is not a kerasntk run directory (no config.json); "
                               "make one with `kerasntk train` or `kerasntk run`")
-    return cfg.load(path)
+    for item in overrides:
+        if item.partition("=")[0].strip() not in cfg.MACHINE_FIELDS:
+            raise cfg.ConfigError(f"--set {item!r}: a run directory's config is fixed; only this machine's fields "
+                                  f"may be set: {', '.join(cfg.MACHINE_FIELDS)}")
+    return cfg.load(path, overrides)
 
 
 def parent_dir(run_dir):

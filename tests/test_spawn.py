@@ -113,7 +113,7 @@ def test_jobs_one_command_each_equal_kerasntk_run(tmp_path, npz, clean_run):
     sets = [arg for item in tiny(npz) for arg in ("--set", item)]
     assert cli.main(["-q", "train", "--out", run, *sets]) == 0
     assert not (tmp_path / "jobs" / "results").exists()  # training the parent measures nothing
-    assert cli.main(["-q", "ntk", run]) == 0
+    assert cli.main(["-q", "ntk", run, "--set", "distribute.logical_cpus=0"]) == 0  # this machine's setting
     for t in ("0", "1ep"):
         assert cli.main(["-q", "linearize", run, "--time", t]) == 0
     for t in ("0", "0.5", "8it"):  # 8 steps = epoch 1 of the 256-example, batch-32 tiny run
@@ -133,10 +133,17 @@ def test_rerun_of_a_finished_run_skips_every_job(tmp_path, npz):
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
 
 
-def test_run_dir_with_another_config_is_refused(tmp_path, npz):
-    spawn.prepare_run_dir(cfg.load(None, tiny(npz)), str(tmp_path))
+def test_run_dir_with_another_config_is_refused_but_machine_fields_may_differ(tmp_path, npz):
+    config = cfg.load(None, tiny(npz))
+    spawn.prepare_run_dir(config, str(tmp_path))
     with pytest.raises(cfg.ConfigError, match="different config"):
         spawn.prepare_run_dir(cfg.load(None, tiny(npz, "train.lr=0.2")), str(tmp_path))
+    elsewhere = cfg.load(None, tiny(npz, "data.data_dir=/mnt/other", "distribute.tpu=local"))
+    assert elsewhere.digest() == config.digest()  # same run name on every machine
+    spawn.prepare_run_dir(elsewhere, str(tmp_path))
+    assert spawn.load_run_config(str(tmp_path), ["distribute.tpu=local"]).distribute.tpu == "local"
+    with pytest.raises(cfg.ConfigError, match="only this machine's fields may be set: data.data_dir"):
+        spawn.load_run_config(str(tmp_path), ["train.lr=0.2"])
 
 
 def test_paper_config_dry_run_on_mock_cifar10(tmp_path, capsys):
