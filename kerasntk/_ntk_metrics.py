@@ -43,12 +43,21 @@ def _check_times(times, count):
     return times
 
 
-def kernel_velocity(kernels, times):
-    """v_i = S(K_i, K_{i+1}) / (t_{i+1} − t_i), a forward difference; NaN at the last time (no successor)."""
+def kernel_velocity(kernels, times, dt=None):
+    """v_i = S(K_i, K_j) / (t_j − t_i) with t_j = t_i + dt (METHODS: a fixed dt, the paper's 0.4 epoch), NaN
+    where no kernel is at t_i + dt; `dt=None` takes the next kernel (NaN at the last time)."""
     times = _check_times(times, len(kernels))
-    v = np.full(len(kernels), np.nan)
-    for i in range(len(kernels) - 1):
-        v[i] = kernel_distance(kernels[i], kernels[i + 1]) / (times[i + 1] - times[i])
+    return _velocity(lambda i, j: kernel_distance(kernels[i], kernels[j]), times, dt)
+
+
+def _velocity(distance, times, dt):
+    """Forward-difference velocity over a fixed `dt` (or to the next time) from `distance(i, j)`."""
+    v = np.full(len(times), np.nan)
+    for i, t in enumerate(times):
+        later = np.flatnonzero(np.isclose(times, t + dt, rtol=0, atol=1e-9)) if dt is not None else [i + 1]
+        if len(later) and later[0] < len(times):
+            j = later[0]
+            v[i] = distance(i, j) / (times[j] - t)
     return v
 
 
@@ -129,16 +138,15 @@ def distance_matrix(kernels):
     return S
 
 
-def trajectory_metrics(kernels, times, y, learning_rates=None):
+def trajectory_metrics(kernels, times, y, learning_rates=None, dt=None):
     """Metrics of a kernel trajectory K_0..K_{T-1} at `times`: (dict name -> array (T,), S (T, T)).
 
-    kernel_velocity[i] = S(K_i, K_{i+1}) / (t_{i+1} − t_i) (NaN at the last time); kernel_velocity_per_lr
-    divides it by learning_rates[i] (NaN everywhere when learning_rates is None); alignments use labels y.
+    kernel_velocity as `kernel_velocity(kernels, times, dt)`; kernel_velocity_per_lr divides it by
+    learning_rates[i] (NaN everywhere when learning_rates is None); alignments use labels y.
     """
     times = _check_times(times, len(kernels))
     S = distance_matrix(kernels)
-    velocity = np.full(len(kernels), np.nan)
-    velocity[:-1] = S[np.arange(len(kernels) - 1), np.arange(1, len(kernels))] / np.diff(times)
+    velocity = _velocity(lambda i, j: S[i, j], times, dt)
     if learning_rates is None:
         per_lr = np.full(len(kernels), np.nan)
     else:

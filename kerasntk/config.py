@@ -128,6 +128,9 @@ class NTKConfig:
     implementation: str = "auto"
     batch_size: int = 64
     enabled: bool = True
+    # kernel velocity S(K_t, K_t+dt) / dt: the grid gets a checkpoint at t + dt for every time t on it
+    # (METHODS; the paper's dt is 0.4 epoch); null: to the next checkpoint, whatever its distance
+    velocity_dt: str | float | None = "0.4ep"
 
 
 @dataclass
@@ -296,6 +299,9 @@ def validate(config):
     _check(n.implementation in NTK_IMPLEMENTATIONS, "ntk.implementation", n.implementation, ", ".join(NTK_IMPLEMENTATIONS))
     _check(_is_int(n.probe_size) and n.probe_size > 1, "ntk.probe_size", n.probe_size, "an integer > 1")
     _check(_is_int(n.batch_size) and n.batch_size > 0, "ntk.batch_size", n.batch_size, "an integer > 0")
+    if n.velocity_dt is not None:
+        _check(parse_duration(n.velocity_dt, "ntk.velocity_dt").value > 0, "ntk.velocity_dt", n.velocity_dt,
+               "a duration > 0 or null")
     la = config.landscape
     _check(_is_int(la.alphas) and la.alphas >= 2, "landscape.alphas", la.alphas, "an integer >= 2")
     _check(la.bn in BN_MODES, "landscape.bn", la.bn, ", ".join(BN_MODES))

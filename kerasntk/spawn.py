@@ -89,6 +89,8 @@ class Experiment:
         self.train_subset = rng.permutation(len(self.arrays.x_train))[:la.train_examples]
         self.bn_subset = rng.permutation(len(self.arrays.x_train))[:la.bn_examples]
         self._ntk_fn = None
+        dt = config.ntk.velocity_dt  # in epochs, as the times, and exactly the grid's step spacing
+        self.velocity_dt = None if dt is None else max(cfg.parse_duration(dt).steps(self.steps_per_epoch), 1) / self.steps_per_epoch
 
     def _steps(self, times):
         return sorted({cfg.parse_duration(t).steps(self.steps_per_epoch) for t in times})
@@ -166,7 +168,8 @@ class Experiment:
         metrics["learning_rate"] = np.array(lrs)
         kernel_distance = None
         if kernels:
-            kernel_metrics, kernel_distance = ntk.trajectory_metrics(kernels, times, _onehot(self.y_probe, self.arrays.num_classes), learning_rates=lrs)
+            kernel_metrics, kernel_distance = ntk.trajectory_metrics(
+                kernels, times, _onehot(self.y_probe, self.arrays.num_classes), learning_rates=lrs, dt=self.velocity_dt)
             metrics.update(kernel_metrics)
             metrics["kernel_top_eigenvalue"] = np.array([ntk.eigenvalues(k, 1)[0] for k in kernels])
         results.write_atomic(results.parent_dataset(self.grid, times, metrics, kernel_distance=kernel_distance,

@@ -65,6 +65,10 @@ def checkpoint_steps(config, steps_per_epoch):
     if c.every is not None:
         every = cfg.parse_duration(c.every).steps(steps_per_epoch)
         steps.update(range(0, total + 1, max(every, 1)))
+    n = config.ntk
+    if n.enabled and n.velocity_dt is not None:  # the partner of every time for the kernel velocity
+        dt = max(cfg.parse_duration(n.velocity_dt).steps(steps_per_epoch), 1)
+        steps.update([s + dt for s in steps])
     return sorted(s for s in steps if 0 <= s <= total)
 
 

@@ -111,7 +111,8 @@ def test_quickstart_runs_the_experiment_and_shows_results(quickstart):
 
     ds = xr.load_dataset(run_dir / "results.nc")
     assert {"parent", "child", "pair", "path", "correlation"} <= set(ds.data_vars)
-    assert ds.sizes["spawn"] == 2 and ds.sizes["time"] == 4  # spawn times 0, ~0.25, 0.5 (on steps) and the end
+    # spawn times 0, ~0.25, 0.5 (on steps), the end, and the t + 0.4 epoch partners of the first three
+    assert ds.sizes["spawn"] == 2 and ds.sizes["time"] == 7
     assert (run_dir / "barrier_vs_spawn_time.png").exists()
     assert len([o for o in outputs(nb, "display_data") if "image/png" in o.data]) >= 5  # figures and plots shown
     assert json.loads(ds.attrs["config"])["spawn"]["times"] == [0, 0.25, 0.5]

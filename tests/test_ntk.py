@@ -459,6 +459,18 @@ def test_velocity_and_trajectory_metrics():
     assert np.all(np.isnan(ntk.trajectory_metrics(kernels, times, y)[0]["kernel_velocity_per_lr"]))
 
 
+def test_velocity_over_a_fixed_dt():
+    """v(t) = S(K_t, K_{t+dt}) / dt, the paper's definition: only times whose t + dt is measured get one."""
+    kernels = [_psd(4, seed=s) for s in range(5)]
+    times = np.array([0.0, 0.4, 1.0, 1.4, 1.8])
+    v = ntk.kernel_velocity(kernels, times, dt=0.4)
+    expected = [ntk.kernel_distance(kernels[a], kernels[b]) / 0.4 for a, b in ((0, 1), (2, 3), (3, 4))]
+    np.testing.assert_allclose(v[[0, 2, 3]], expected, rtol=1e-12)
+    assert np.isnan(v[1]) and np.isnan(v[4])  # no kernel at 0.8 or 2.2
+    metrics, _ = ntk.trajectory_metrics(kernels, times, np.array([0, 1, 0, 1]), dt=0.4)
+    np.testing.assert_array_equal(metrics["kernel_velocity"], v)
+
+
 def test_metric_errors_are_named():
     K = _psd(4)
     with pytest.raises(ValueError, match="same shape"):

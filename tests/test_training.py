@@ -58,8 +58,11 @@ def test_step_and_constant_schedules():
 def test_checkpoint_grid_has_ends_explicit_log_periodic_spawn_and_linearize_times():
     c = cfg.load(None, ["train.length=10ep", "checkpoints.times=[0.3]", "checkpoints.log_start=0.1",
                         "checkpoints.log_stop=1", "checkpoints.log_num=3", "checkpoints.every=5ep",
-                        "spawn.times=[2it]", "linearize.times=[4]"])
+                        "spawn.times=[2it]", "linearize.times=[4]", "ntk.velocity_dt=null"])
     assert training.checkpoint_steps(c, steps_per_epoch=100) == [0, 2, 10, 30, 32, 100, 400, 500, 1000]
+    with_partners = training.checkpoint_steps(cfg.load(None, ["train.length=10ep", "checkpoints.log_num=0",
+        "checkpoints.every=5ep", "spawn.times=[2it]", "linearize.times=[]", "ntk.velocity_dt=0.4ep"]), 100)
+    assert with_partners == [0, 2, 40, 42, 500, 540, 1000]  # t + 0.4 epoch for the kernel velocity
 
 
 # -- training -----------------------------------------------------------------------------------------------
