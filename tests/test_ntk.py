@@ -344,7 +344,8 @@ def test_ntk_cli_measures_every_checkpoint_of_a_run(tmp_path):
     assert cli.main(["-q", "ntk", run_dir]) == 0
     ds = xr.load_dataset(results.job_path(run_dir, "parent"))
     steps = experiment.grid
-    assert len(steps) == 3 and ds.parent.dims == ("time", "metric") and ds.kernel_distance.dims == ("time", "time_b")
+    assert ds.parent.dims == ("time", "metric") and ds.kernel_distance.dims == ("time", "time_b")
+    assert ds.sizes["time"] == len(steps) >= 3  # every checkpoint of the grid (epochs 0, 1, 2 at least)
     model, fn = experiment.parent.model, None
     kernels = []
     for step in steps:  # recompute every checkpoint's kernel from its weights
