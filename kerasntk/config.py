@@ -267,8 +267,22 @@ def validate(config):
     d, t, c, s = config.data, config.train, config.checkpoints, config.spawn
     _check(d.name in DATASETS, "data.name", d.name, ", ".join(DATASETS))
     _check(d.name != "npz" or bool(d.path), "data.path", d.path, "a path to an .npz file when data.name is 'npz'")
+    _check(d.augment in (None, True, False, "pad_crop_flip"), "data.augment", d.augment,
+           "null (the dataset's standard), true, false or 'pad_crop_flip'")
     _check(config.model.name in MODELS, "model.name", config.model.name, ", ".join(MODELS))
     _check(isinstance(config.model.options, dict), "model.options", config.model.options, "a mapping")
+    for name in ("train.milestones", "checkpoints.times", "spawn.times", "linearize.times"):
+        section, field_name = name.split(".")
+        value = getattr(getattr(config, section), field_name)
+        _check(isinstance(value, (list, tuple)), name, value, "a list of times, e.g. [0, 0.5, 2]")
+    for name in ("data.seed", "train.seed", "train.data_seed", "train.augment_seed", "ntk.probe_seed"):
+        section, field_name = name.split(".")
+        value = getattr(getattr(config, section), field_name)
+        _check(_is_int(value) and value >= 0, name, value, "an integer >= 0")
+    for name in ("train.deterministic", "ntk.enabled", "spawn.reset_momentum"):
+        section, field_name = name.split(".")
+        value = getattr(getattr(config, section), field_name)
+        _check(isinstance(value, bool), name, value, "true or false")
     length = parse_duration(t.length, "train.length")
     _check(length.value > 0, "train.length", t.length, "a duration > 0")
     for name in ("batch_size", "steps_per_execution", "eval_batch_size"):

@@ -33,6 +33,11 @@ def fit_linearized(model, weights, arrays, config, job_dir, strategy, verbose=1)
     lc = config.linearize
     train_arrays, (x_val, y_val) = validation_split(arrays, lc.validation_examples, config.train.data_seed)
     steps_per_epoch = data.steps_per_epoch(train_arrays, lc.batch_size)
+    if steps_per_epoch == 0:
+        raise cfg.ConfigError(
+            f"linearize.validation_examples={lc.validation_examples} leaves {len(train_arrays.x_train)} training "
+            f"examples, fewer than linearize.batch_size={lc.batch_size}; allowed: validation_examples + batch_size "
+            f"<= {len(arrays.x_train)}")
     epochs = max(1, math.ceil(cfg.parse_duration(lc.length).steps(steps_per_epoch) / steps_per_epoch))
     with strategy.scope():
         lin = linearize(model, weights=weights)

@@ -66,6 +66,12 @@ def test_duration_steps():
     (["landscape.bn=ignore"], "landscape.bn", "reestimate, interpolate"),
     (["data.name=npz"], "data.path", "a path to an .npz file"),
     (["train.colour=red"], "train.colour", "allowed: length, batch_size"),
+    (["spawn.times=2"], "spawn.times", "a list of times"),
+    (["train.milestones=100"], "train.milestones", "a list of times"),
+    (["train.seed=-1"], "train.seed", "an integer >= 0"),
+    (["ntk.enabled=maybe"], "ntk.enabled", "true or false"),
+    (["data.augment=flip"], "data.augment", "'pad_crop_flip'"),
+    (["ntk.velocity_dt=0"], "ntk.velocity_dt", "a duration > 0 or null"),
 ])
 def test_errors_name_field_value_and_what_is_allowed(overrides, field, allowed):
     with pytest.raises(cfg.ConfigError) as err:
