@@ -21,8 +21,9 @@ Implementations (`implementation=`):
   does the same cotangent pass and replaces per-layer Jacobians by cheaper contractions), else "jacobian".
 
 Cost and memory: one forward pass and O backward passes (vectorized) per block of `batch_size` examples;
-for a symmetric kernel (x2 None) only the upper block triangle is computed, with the row block's features
-cached. Functions are `tf.function`s without XLA, because on CPU XLA-compiled convnets ran 2-3x slower than
+for a symmetric kernel (x2 None) only the upper block triangle is computed, each row's features reused
+along it. Two blocks' features (batch_size·O·P numbers each) are held at a time, so peak memory grows with
+batch_size, not with N. Functions are `tf.function`s without XLA, because on CPU XLA-compiled convnets ran 2-3x slower than
 TensorFlow's oneDNN kernels (BENCHMARKS.md, "Training"); the block pair a replica runs under a strategy
 compiles with XLA (tests/test_ntk.py), as TPUStrategy requires.
 """
@@ -44,7 +45,7 @@ from kerasntk._ntk_metrics import (  # noqa: E402,F401  (re-exported public API)
     trajectory_metrics,
 )
 
-IMPLEMENTATIONS = ("auto", "structured", "jacobian", "ntk_vp")
+from kerasntk.config import NTK_IMPLEMENTATIONS as IMPLEMENTATIONS  # noqa: E402  (one list: the config schema's)
 
 
 def empirical_ntk_fn(model, *, trace_axes=(-1,), implementation="auto", batch_size=None, dtype=None, strategy=None):
