@@ -47,10 +47,10 @@ def kernel_velocity(kernels, times, dt=None):
     """v_i = S(K_i, K_j) / (t_j − t_i) with t_j = t_i + dt (METHODS: a fixed dt, the paper's 0.4 epoch), NaN
     where no kernel is at t_i + dt; `dt=None` takes the next kernel (NaN at the last time)."""
     times = _check_times(times, len(kernels))
-    return _velocity(lambda i, j: kernel_distance(kernels[i], kernels[j]), times, dt)
+    return velocity_from(lambda i, j: kernel_distance(kernels[i], kernels[j]), times, dt)
 
 
-def _velocity(distance, times, dt):
+def velocity_from(distance, times, dt):
     """Forward-difference velocity over a fixed `dt` (or to the next time) from `distance(i, j)`."""
     v = np.full(len(times), np.nan)
     for i, t in enumerate(times):
@@ -146,7 +146,7 @@ def trajectory_metrics(kernels, times, y, learning_rates=None, dt=None):
     """
     times = _check_times(times, len(kernels))
     S = distance_matrix(kernels)
-    velocity = _velocity(lambda i, j: S[i, j], times, dt)
+    velocity = velocity_from(lambda i, j: S[i, j], times, dt)
     if learning_rates is None:
         per_lr = np.full(len(kernels), np.nan)
     else:

@@ -26,7 +26,7 @@ import tensorflow as tf  # noqa: E402
 
 from kerasntk import config as cfg  # noqa: E402
 from kerasntk import data, landscape, ntk, results, training  # noqa: E402
-from kerasntk._ntk_metrics import distance_matrix  # noqa: E402
+from kerasntk._ntk_metrics import distance_matrix, velocity_from  # noqa: E402
 
 LOG_KEYS = ("ntk_velocity", "ntk_distance_from_init", "ntk_alignment", "ntk_effective_rank")
 
@@ -201,8 +201,7 @@ class NTKMonitor(_Timed):
             raise ValueError("NTKMonitor has no measurement yet")
         S = distance_matrix(self.kernels)
         times, lrs = np.array(self.times), np.array([r["learning_rate"] for r in self.rows])
-        velocity = np.full(len(times), np.nan)
-        velocity[:-1] = np.diag(S, 1) / np.diff(times)
+        velocity = velocity_from(lambda i, j: S[i, j], times, None)  # to the next measurement
         metrics = dict(kernel_velocity=velocity, kernel_velocity_per_lr=velocity / lrs,
                        kernel_distance_from_init=S[0], kernel_distance_to_final=S[:, -1],
                        kernel_effective_rank=np.array([r["ntk_effective_rank"] for r in self.rows]),

@@ -61,7 +61,9 @@ def main(argv=None):
     try:
         return _dispatch(args, verbose)
     except (cfg.ConfigError, data.DatasetNotAvailable, ValueError, FileNotFoundError) as err:
-        print(f"kerasntk: error: {err}", file=sys.stderr)
+        if os.environ.get("KERASNTK_DEBUG"):  # the full traceback, for bug reports
+            raise
+        print(f"kerasntk: error: {err} (KERASNTK_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("kerasntk: interrupted; run the same command again to resume where it stopped", file=sys.stderr)

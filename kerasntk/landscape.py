@@ -15,7 +15,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from keras import ops  # noqa: E402
 
-BN_MODES = ("reestimate", "interpolate")
+from kerasntk.config import BN_MODES  # noqa: E402  (one list: the config schema's)
 
 
 def trainable_mask(model):

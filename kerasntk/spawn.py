@@ -169,7 +169,7 @@ class Experiment:
         kernel_distance = None
         if kernels:
             kernel_metrics, kernel_distance = ntk.trajectory_metrics(
-                kernels, times, _onehot(self.y_probe, self.arrays.num_classes), learning_rates=lrs, dt=self.velocity_dt)
+                kernels, times, self.y_probe, learning_rates=lrs, dt=self.velocity_dt)
             metrics.update(kernel_metrics)
             metrics["kernel_top_eigenvalue"] = np.array([ntk.eigenvalues(k, 1)[0] for k in kernels])
         results.write_atomic(results.parent_dataset(self.grid, times, metrics, kernel_distance=kernel_distance,
@@ -303,10 +303,6 @@ def run(config, run_dir=None, strategy=None, verbose=1):
     run_dir = run_dir or os.path.join("runs", config.run_name())
     prepare_run_dir(config, run_dir)
     return Experiment(config, run_dir, strategy=strategy, verbose=verbose).run()
-
-
-def _onehot(y, num_classes):
-    return np.eye(num_classes)[y]
 
 
 def _save_npy_atomic(path, array):

@@ -1,4 +1,5 @@
-"""Test setup: TensorFlow on 2 logical CPU devices (before it initializes), quiet logs, no network."""
+"""Test setup: TensorFlow on 2 logical CPU devices (before it initializes) and quiet logs. No test needs the
+network: datasets are generated (mnist1d), synthetic, or tensorflow-datasets mock data."""
 
 import os
 
