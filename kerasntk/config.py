@@ -262,6 +262,12 @@ def _check(ok, field_name, value, allowed):
         raise ConfigError(f"{field_name}: {value!r} is not allowed; allowed: {allowed}")
 
 
+def _field(config, dotted):
+    """The value of field "section.name" of `config`."""
+    section, name = dotted.split(".")
+    return getattr(getattr(config, section), name)
+
+
 def validate(config):
     """Check every field that can be checked without data; raise ConfigError on the first bad one."""
     d, t, c, s = config.data, config.train, config.checkpoints, config.spawn
@@ -271,18 +277,16 @@ def validate(config):
            "null (the dataset's standard), true, false or 'pad_crop_flip'")
     _check(config.model.name in MODELS, "model.name", config.model.name, ", ".join(MODELS))
     _check(isinstance(config.model.options, dict), "model.options", config.model.options, "a mapping")
-    for name in ("train.milestones", "checkpoints.times", "spawn.times", "linearize.times"):
-        section, field_name = name.split(".")
-        value = getattr(getattr(config, section), field_name)
-        _check(isinstance(value, (list, tuple)), name, value, "a list of times, e.g. [0, 0.5, 2]")
-    for name in ("data.seed", "train.seed", "train.data_seed", "train.augment_seed", "ntk.probe_seed"):
-        section, field_name = name.split(".")
-        value = getattr(getattr(config, section), field_name)
-        _check(_is_int(value) and value >= 0, name, value, "an integer >= 0")
-    for name in ("train.deterministic", "ntk.enabled", "spawn.reset_momentum"):
-        section, field_name = name.split(".")
-        value = getattr(getattr(config, section), field_name)
-        _check(isinstance(value, bool), name, value, "true or false")
+    kinds = {  # field -> (is the value allowed, what is allowed)
+        **dict.fromkeys(("train.milestones", "checkpoints.times", "spawn.times", "linearize.times"),
+                        (lambda v: isinstance(v, (list, tuple)), "a list of times, e.g. [0, 0.5, 2]")),
+        **dict.fromkeys(("data.seed", "train.seed", "train.data_seed", "train.augment_seed", "ntk.probe_seed"),
+                        (lambda v: _is_int(v) and v >= 0, "an integer >= 0")),
+        **dict.fromkeys(("train.deterministic", "ntk.enabled", "spawn.reset_momentum"),
+                        (lambda v: isinstance(v, bool), "true or false")),
+    }
+    for name, (ok, allowed) in kinds.items():
+        _check(ok(_field(config, name)), name, _field(config, name), allowed)
     length = parse_duration(t.length, "train.length")
     _check(length.value > 0, "train.length", t.length, "a duration > 0")
     for name in ("batch_size", "steps_per_execution", "eval_batch_size"):

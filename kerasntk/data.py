@@ -71,8 +71,9 @@ class DatasetInfo:
 def load_arrays(name="mnist1d", *, data_dir=None, path=None, seed=42):
     """Load dataset `name` into memory, normalized per channel with train-split statistics.
 
-    `seed` seeds the mnist1d generator (42, the default, is the package's published dataset, as in the config); `data_dir` is where
-    tensorflow-datasets data is prepared (a local path or gs://...); `path` is the .npz file for "npz".
+    `seed` seeds the mnist1d generator (42, the default as in the config, is the package's published
+    dataset); `data_dir` is where tensorflow-datasets data is prepared (a local path or gs://...); `path`
+    is the .npz file for "npz".
     """
     if name not in NAMES:
         raise ValueError(f"unknown dataset {name!r}; allowed: {', '.join(NAMES)}")

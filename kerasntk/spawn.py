@@ -20,7 +20,6 @@ from kerasntk import config as cfg
 from kerasntk import data, kernel_learning, landscape, ntk, results, training
 
 
-
 # -- run directory -------------------------------------------------------------------------------------------
 
 def prepare_run_dir(config, run_dir):
@@ -89,8 +88,8 @@ class Experiment:
         self.train_subset = rng.permutation(len(self.arrays.x_train))[:la.train_examples]
         self.bn_subset = rng.permutation(len(self.arrays.x_train))[:la.bn_examples]
         self._ntk_fn = None
-        dt = config.ntk.velocity_dt  # in epochs, as the times, and exactly the grid's step spacing
-        self.velocity_dt = None if dt is None else max(cfg.parse_duration(dt).steps(self.steps_per_epoch), 1) / self.steps_per_epoch
+        dt = training.velocity_dt_steps(config, self.steps_per_epoch)  # in epochs, like the times
+        self.velocity_dt = None if dt is None else dt / self.steps_per_epoch
 
     def _steps(self, times):
         return sorted({cfg.parse_duration(t).steps(self.steps_per_epoch) for t in times})
@@ -164,7 +163,7 @@ class Experiment:
         times = np.array(self.grid) / self.steps_per_epoch
         metrics = {k: np.array([r[k] for r in rows]) for k in rows[0]}
         travel = metrics["weight_distance_from_init"]
-        metrics["relative_weight_distance_from_init"] = travel / travel[-1] if travel[-1] > 0 else np.full_like(travel, np.nan)
+        metrics["relative_weight_distance_from_init"] = travel / travel[-1] if travel[-1] > 0 else travel * np.nan
         metrics["learning_rate"] = np.array(lrs)
         kernel_distance = None
         if kernels:

@@ -65,11 +65,18 @@ def checkpoint_steps(config, steps_per_epoch):
     if c.every is not None:
         every = cfg.parse_duration(c.every).steps(steps_per_epoch)
         steps.update(range(0, total + 1, max(every, 1)))
-    n = config.ntk
-    if n.enabled and n.velocity_dt is not None:  # the partner of every time for the kernel velocity
-        dt = max(cfg.parse_duration(n.velocity_dt).steps(steps_per_epoch), 1)
+    dt = velocity_dt_steps(config, steps_per_epoch)
+    if dt is not None:  # the partner of every time for the kernel velocity
         steps.update([s + dt for s in steps])
     return sorted(s for s in steps if 0 <= s <= total)
+
+
+def velocity_dt_steps(config, steps_per_epoch):
+    """`ntk.velocity_dt` in steps (at least 1), or None when kernels are off or velocity uses the next checkpoint."""
+    n = config.ntk
+    if not n.enabled or n.velocity_dt is None:
+        return None
+    return max(cfg.parse_duration(n.velocity_dt).steps(steps_per_epoch), 1)
 
 
 def checkpoint_dir(job_dir, step):
