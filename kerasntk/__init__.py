@@ -6,9 +6,10 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 __version__ = "0.1.0"
 
-from kerasntk import callbacks, config, data, distribute, landscape, models, ntk, plots, results, training  # noqa: E402
+from kerasntk import (callbacks, config, data, distribute, experiment, fs, landscape, models, ntk,  # noqa: E402
+                      plots, results, rundir, training)
+from kerasntk.experiment import run  # noqa: E402
 from kerasntk.linearize import Linearized, kernel_regression, linearize  # noqa: E402
-from kerasntk.spawn import run  # noqa: E402
 
-__all__ = ["Linearized", "callbacks", "config", "data", "distribute", "kernel_regression", "landscape", "linearize", "models", "ntk", "plots", "results", "run",
-           "training"]
+__all__ = ["Linearized", "callbacks", "config", "data", "distribute", "experiment", "fs", "kernel_regression",
+           "landscape", "linearize", "models", "ntk", "plots", "results", "rundir", "run", "training"]

@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from kerasntk import config as cfg  # noqa: E402
-from kerasntk import data, landscape, ntk, results, training  # noqa: E402
+from kerasntk import data, fs, landscape, ntk, results, rundir, training  # noqa: E402
 from kerasntk._ntk_metrics import distance_matrix, velocity_from  # noqa: E402
 
 LOG_KEYS = ("ntk_velocity", "ntk_distance_from_init", "ntk_alignment", "ntk_effective_rank")
@@ -257,7 +257,7 @@ class SpawnCheckpoint(_Timed):
             raise ValueError(f"SpawnCheckpoint: times must be a list of epochs or steps, got {times!r}")
         if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise ValueError(f"SpawnCheckpoint: batch_size={batch_size!r} must be the positive batch size given to fit")
-        self.directory, self.data, self.batch_size = os.path.abspath(directory), data, int(batch_size)
+        self.directory, self.data, self.batch_size = fs.absolute(directory), data, int(batch_size)
         self.children, self.reset_momentum, self.data_seed = int(children), bool(reset_momentum), int(data_seed)
         self.spawned = []
 
@@ -266,16 +266,16 @@ class SpawnCheckpoint(_Timed):
         if self._step() != 0:
             raise ValueError(f"SpawnCheckpoint: the optimizer is at step {self._step()}; a run directory starts "
                              "at step 0 (use a fresh optimizer)")
-        if training.saved_checkpoints(os.path.join(self.directory, "parent")):
+        self._run = rundir.RunDir(self.directory)
+        if self._run.parent.checkpoint_steps():
             raise ValueError(f"SpawnCheckpoint: {self.directory!r} already holds the checkpoints of a run; "
                              "give each run its own directory")
         self._optimizer = _children_optimizer(self.model)
         self._checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self._optimizer)
-        os.makedirs(self.directory, exist_ok=True)
+        fs.makedirs(self.directory)
         self._data_path, self._n_train = self._write_data()
-        tmp = os.path.join(self.directory, ".model.tmp.keras")  # renamed: a kill never leaves half a model
-        self.model.save(tmp)
-        os.replace(tmp, os.path.join(self.directory, "model.keras"))
+        with fs.atomic_file(self._run.model_file) as tmp:  # a kill never leaves half a model
+            self.model.save(tmp)
         super().on_train_begin(logs)
         _warn_if_epochs_differ(self.steps_per_epoch, data.steps_per_epoch(self._n_train, self.batch_size))
         planned = self.params.get("epochs", 0) * self.steps_per_epoch
@@ -293,37 +293,26 @@ class SpawnCheckpoint(_Timed):
         self.spawned.append(step)
 
     def _save(self, step):
-        """Write the checkpoint of `step` into step_X.tmp, then rename it (as Trainer.save_grid_checkpoint)."""
-        final = training.checkpoint_dir(os.path.join(self.directory, "parent"), step)
-        if tf.io.gfile.exists(os.path.join(final, "meta.json")):
-            return
-        tmp = f"{final}.tmp"
-        for stale in (tmp, final):
-            if tf.io.gfile.exists(stale):
-                tf.io.gfile.rmtree(stale)
+        """Write the checkpoint of `step` in the run directory's format (as the Trainer's grid checkpoints)."""
         _copy_sgd_state(self.model.optimizer, self._optimizer)
-        self._checkpoint.write(os.path.join(tmp, "ckpt"))
         spe = data.steps_per_epoch(self._n_train, self.batch_size)
         epoch, batch = divmod(step, spe)
-        training.write_json_atomic(os.path.join(tmp, "meta.json"), dict(
-            step=step, time=step / spe, epoch=epoch, batch=batch, data_seed=self.data_seed, augment_seed=0,
-            steps_per_epoch=spe,
+        self._run.parent.save_checkpoint(self._checkpoint, step, dict(
+            time=step / spe, epoch=epoch, batch=batch, data_seed=self.data_seed, augment_seed=0, steps_per_epoch=spe,
             learning_rate=float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))))
-        tf.io.gfile.rename(tmp, final)
 
     def _write_data(self):
         """(path, training-set size) of data.npz, written from arrays (or the given path), checked to hold what
         kerasntk's loader hands the children."""
         given = self.data
         if isinstance(given, (str, os.PathLike)):
-            path = os.path.abspath(given)
+            path = fs.absolute(given)
         else:
             if len(given) != 4:
                 raise ValueError("SpawnCheckpoint: data must be (x_train, y_train, x_test, y_test) or an .npz path")
-            path = os.path.join(self.directory, "data.npz")
-            with open(path + ".tmp", "wb") as f:
+            path = self._run.data_file
+            with fs.atomic_file(path) as tmp, open(tmp, "wb") as f:
                 np.savez(f, **dict(zip(("x_train", "y_train", "x_test", "y_test"), map(np.asarray, given))))
-            os.replace(path + ".tmp", path)
         arrays = data.load_arrays("npz", path=path)
         with np.load(path) as f:
             raw = f["x_train"]
@@ -346,7 +335,7 @@ class SpawnCheckpoint(_Timed):
             else dict(lr=lr, schedule="constant")
         config = cfg.from_dict(dict(
             data=dict(name="npz", path=self._data_path, augment=False),
-            model=dict(name="keras_file", options=dict(path=os.path.join(self.directory, "model.keras"))),
+            model=dict(name="keras_file", options=dict(path=self._run.model_file)),
             train=dict(length=f"{max(length, 1)}it", batch_size=self.batch_size,
                        momentum=float(self.model.optimizer.momentum), weight_decay=0.0, data_seed=self.data_seed,
                        **schedule),
@@ -355,7 +344,7 @@ class SpawnCheckpoint(_Timed):
                        reset_momentum=self.reset_momentum),
             linearize=dict(times=[])))
         cfg.validate(config)
-        training.write_json_atomic(os.path.join(self.directory, "config.json"), config.to_dict())
+        self._run.write_config(config)
 
 
 def _warn_if_epochs_differ(keras_steps, kerasntk_steps):
@@ -492,11 +481,11 @@ def _reference_weights(model, reference):
     try:
         if path.endswith(".weights.h5"):
             model.load_weights(path)
-        elif tf.io.gfile.exists(os.path.join(path, "ckpt.index")):
-            tf.train.Checkpoint(model=model).read(os.path.join(path, "ckpt")).expect_partial()
+        elif rundir.is_checkpoint_dir(path):
+            rundir.read_checkpoint_dir(tf.train.Checkpoint(model=model), path, partial=True)
         else:
-            raise ValueError(f"LandscapeProbe: reference {path!r} is neither a .weights.h5 file nor a checkpoint "
-                             "directory holding ckpt.index; allowed: those two or a list of weight arrays")
+            raise ValueError(f"LandscapeProbe: reference {path!r} is neither a .weights.h5 file nor a kerasntk "
+                             "checkpoint directory (holding meta.json); allowed: those two or a list of weight arrays")
         return model.get_weights()
     finally:  # load_weights also restores optimizer variables saved with the reference
         model.set_weights(current)

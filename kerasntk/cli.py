@@ -19,8 +19,8 @@ def _config_args(parser):
 
 def _machine_args(parser):
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
-                        help="this machine's setting for the stored config: data.data_dir, distribute.tpu or "
-                             "distribute.logical_cpus (repeatable)")
+                        help="this machine's setting for the stored config: data.data_dir or a distribute.* "
+                             "field (repeatable)")
 
 
 def build_parser():
@@ -30,9 +30,14 @@ def build_parser():
                     "spawn children, measure barriers and empirical NTKs, write xarray/NetCDF results.")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     sub = parser.add_subparsers(dest="command", required=True)
-    _config_args(sub.add_parser("run", help="the whole spawning experiment: parent, children, metrics, figures"))
+    p = sub.add_parser("run", help="the whole spawning experiment: parent, children, metrics, figures")
+    _config_args(p)
+    p.add_argument("--executor", choices=("local", "ray"), default="local",
+                   help="local: the jobs one after another in this process; ray: as Ray tasks, in parallel")
+    p.add_argument("--address", help="Ray cluster address for --executor ray (default: start a local cluster, "
+                                     "or RAY_ADDRESS)")
     _config_args(sub.add_parser("train", help="train the parent only, saving the checkpoint grid"))
-    p = sub.add_parser("spawn", help="run one child job of a run directory (for sweeps over many machines)")
+    p = sub.add_parser("spawn", help="run one child job of a run directory (then its pairs when siblings are done)")
     p.add_argument("run_dir")
     _machine_args(p)
     p.add_argument("--time", required=True, help="spawn time: epochs (0.5, '2ep') or steps ('100it')")
@@ -44,11 +49,15 @@ def build_parser():
     p = sub.add_parser("ntk", help="measure the parent at every checkpoint: errors, NTKs, kernel metrics")
     p.add_argument("run_dir")
     _machine_args(p)
+    p = sub.add_parser("job", help="run one job of a run directory's job graph by id (see run --dry-run)")
+    p.add_argument("run_dir")
+    p.add_argument("job_id", help="e.g. parent, measure_parent, child/s00000016_c0, pairs/s00000016, merge")
+    _machine_args(p)
     p = sub.add_parser("merge", help="merge a run directory's result files into RUN_DIR/results.nc")
     p.add_argument("run_dir")
     p = sub.add_parser("report", help="draw the figures of a results file (PNG and PDF)")
     p.add_argument("results", help="a merged results .nc file or a run directory")
-    p.add_argument("--out", help="figure directory (default: beside the results)")
+    p.add_argument("--out", help="figure directory (default: RUN_DIR/figures, or beside the results file)")
     return parser
 
 
@@ -56,11 +65,15 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     verbose = 0 if args.quiet else 1
     from kerasntk import config as cfg
-    from kerasntk import data
+    from kerasntk import data, training
+    from kerasntk.experiment import JobFailed
 
     try:
         return _dispatch(args, verbose)
-    except (cfg.ConfigError, data.DatasetNotAvailable, ValueError, FileNotFoundError) as err:
+    except training.Preempted as err:
+        print(f"kerasntk: {err}", file=sys.stderr)
+        return 143
+    except (cfg.ConfigError, data.DatasetNotAvailable, ValueError, OSError, JobFailed, training.Diverged) as err:
         if os.environ.get("KERASNTK_DEBUG"):  # the full traceback, for bug reports
             raise
         print(f"kerasntk: error: {err} (KERASNTK_DEBUG=1 shows the traceback)", file=sys.stderr)
@@ -72,76 +85,76 @@ def main(argv=None):
 
 def _dispatch(args, verbose):
     from kerasntk import config as cfg
-    import xarray as xr
-
-    from kerasntk import distribute, plots, results, spawn
+    from kerasntk import experiment, plots, results, rundir
 
     if args.command in ("run", "train"):
         config = cfg.load(args.config, args.overrides)
         run_dir = args.out or os.path.join("runs", config.run_name())
-        strategy = distribute.get_strategy(config.distribute.tpu, config.distribute.logical_cpus)
-        experiment = spawn.Experiment(config, run_dir, strategy=strategy, verbose=verbose)
         if args.dry_run:
-            for key, value in experiment.plan().items():
-                print(f"{key:12s} {value}")
+            for key, value in _experiment(config, run_dir, verbose).plan().items():
+                print(f"{key:16s} {value}")
             return 0
-        spawn.prepare_run_dir(config, run_dir)
-        if args.command == "train":
-            experiment.train_parent()
-            print(f"parent trained; checkpoints in {spawn.parent_dir(run_dir)}")
+        if args.command == "run":
+            experiment.run(config, run_dir, verbose=verbose, executor=args.executor, address=args.address)
+            print(f"results: {rundir.RunDir(run_dir).merged}; figures in {rundir.RunDir(run_dir).figures}")
             return 0
-        experiment.run()
-        figures = plots.report(results.open_run(run_dir), run_dir)
-        print(f"results: {os.path.join(run_dir, 'results.nc')}; {len(figures)} figures in {run_dir}")
+        rundir.RunDir(run_dir).prepare(config)
+        _experiment(config, run_dir, verbose).run_job("parent")
+        print(f"parent trained; checkpoints in {rundir.RunDir(run_dir).parent.path}")
         return 0
     if args.command == "spawn":
-        config, experiment = _existing_run(args, verbose)
-        step = _job_step(experiment, args.time, experiment.spawn_steps, "a spawn time")
+        config, ex = _existing_run(args, verbose)
+        step = ex.grid.step_of(args.time, ex.grid.spawn, "a spawn time")
         if not 0 <= args.child < config.spawn.children:
             raise cfg.ConfigError(f"--child {args.child} is not allowed; allowed: 0..{config.spawn.children - 1}")
-        experiment.run_child(step, args.child)
-        if experiment.measure_pairs(step):
+        ex.run_job(experiment.jobs.job_id("child", step, args.child))
+        siblings = [j for j in ex.jobs if j.kind == "child" and j.step == step]
+        pairs = [j for j in ex.jobs if j.kind == "pairs" and j.step == step]
+        if pairs and all(experiment.jobs.is_done(j, ex.run, ex.grid) for j in siblings) and ex.run_job(pairs[0]):
             print(f"all children of spawn step {step} done: pair measurements written")
         return 0
     if args.command == "linearize":
-        _, experiment = _existing_run(args, verbose)
-        experiment.run_linearized(_job_step(experiment, args.time, experiment.grid, "a checkpoint"))
+        _, ex = _existing_run(args, verbose)
+        ex.run_job(experiment.jobs.job_id("linearized", ex.grid.step_of(args.time, ex.grid.linearize, "a linearization time")))
         return 0
     if args.command == "ntk":
-        _existing_run(args, verbose)[1].measure_parent()
-        print(f"parent kernel metrics: {results.job_path(args.run_dir, 'parent')}")
+        _, ex = _existing_run(args, verbose)
+        ex.run_job("measure_parent")
+        print(f"parent kernel metrics: {ex.run.result('parent')}")
+        return 0
+    if args.command == "job":
+        _, ex = _existing_run(args, verbose)
+        print(f"{args.job_id}: {'done' if ex.run_job(args.job_id) else 'already done'}")
         return 0
     if args.command == "merge":
-        path = os.path.join(args.run_dir, "results.nc")
-        results.write_atomic(results.open_run(args.run_dir), path)
-        print(f"merged: {path}")
+        run = rundir.RunDir(args.run_dir)
+        results.write_atomic(results.merge(run.root), run.merged)
+        print(f"merged: {run.merged}")
         return 0
     if args.command == "report":
         source = args.results
-        ds = results.open_run(source) if os.path.isdir(source) else xr.load_dataset(source)
-        out = args.out or (source if os.path.isdir(source) else os.path.dirname(os.path.abspath(source)))
+        is_run = rundir.is_run_dir(source)
+        ds = results.open_run(source)
+        out = args.out or (rundir.RunDir(source).figures if is_run else os.path.dirname(os.path.abspath(source)))
         print(f"{len(plots.report(ds, out))} figures in {out}")
         return 0
     raise AssertionError(args.command)
 
 
+def _experiment(config, run_dir, verbose):
+    from kerasntk import distribute, experiment
+
+    d = config.distribute
+    return experiment.Experiment(config, run_dir, strategy=distribute.get_strategy(d.tpu, d.logical_cpus),
+                                 verbose=verbose)
+
+
 def _existing_run(args, verbose):
     """(config, Experiment) of the prepared run directory `args.run_dir`, with this machine's `--set` fields."""
-    from kerasntk import distribute, spawn
+    from kerasntk import rundir
 
-    config = spawn.load_run_config(args.run_dir, args.overrides)
-    strategy = distribute.get_strategy(config.distribute.tpu, config.distribute.logical_cpus)
-    return config, spawn.Experiment(config, args.run_dir, strategy=strategy, verbose=verbose)
-
-
-def _job_step(experiment, time, allowed, what):
-    """The step of `--time`, which must be one of the run's `allowed` steps (`what` names them)."""
-    from kerasntk import config as cfg
-
-    step = cfg.parse_duration(time, "--time").steps(experiment.steps_per_epoch)
-    if step not in allowed:
-        raise cfg.ConfigError(f"--time {time!r} (step {step}) is not {what} of this run; allowed steps: {list(allowed)}")
-    return step
+    config = rundir.RunDir(args.run_dir).load_config(args.overrides)
+    return config, _experiment(config, args.run_dir, verbose)
 
 
 if __name__ == "__main__":

@@ -158,6 +158,10 @@ class LinearizeConfig:
 class DistributeConfig:
     tpu: str | None = None  # None: probe quietly; "" Colab; "local" TPU VM; else a name/address
     logical_cpus: int = 0  # > 1: MirroredStrategy over that many logical CPUs (testing)
+    # what one job of the job graph asks of a Ray cluster, e.g. {"TPU": 4}, {"GPU": 1}, {"CPU": 1}
+    job_resources: dict = field(default_factory=lambda: {"CPU": 1})
+    intra_op_threads: int = 0  # TensorFlow threads per job (0: TensorFlow's default); 1 packs CPU jobs densely
+    max_retries: int = 3  # times a Ray job is retried when its worker dies (preemption); errors are not retried
 
 
 @dataclass
@@ -210,7 +214,8 @@ def from_dict(raw, cls=Config, where=""):
 
 
 # Where a run executes, not what it computes: they may differ between the machines sharing a run directory.
-MACHINE_FIELDS = ("data.data_dir", "distribute.tpu", "distribute.logical_cpus")
+MACHINE_FIELDS = ("data.data_dir", "distribute.tpu", "distribute.logical_cpus", "distribute.job_resources",
+                  "distribute.intra_op_threads", "distribute.max_retries")
 
 
 def load(path=None, overrides=()):
@@ -338,6 +343,12 @@ def validate(config):
         _check(_is_int(value) and value > 0, f"linearize.{name}", value, "an integer > 0")
     lc = config.distribute.logical_cpus
     _check(_is_int(lc) and lc >= 0, "distribute.logical_cpus", lc, "an integer >= 0")
+    jr = config.distribute.job_resources
+    _check(isinstance(jr, dict) and all(isinstance(k, str) and _is_number(v) and v >= 0 for k, v in jr.items()),
+           "distribute.job_resources", jr, 'a mapping of Ray resource names to amounts >= 0, e.g. {"TPU": 4}')
+    for name in ("intra_op_threads", "max_retries"):
+        value = getattr(config.distribute, name)
+        _check(_is_int(value) and value >= 0, f"distribute.{name}", value, "an integer >= 0")
 
 
 def validate_against(config, steps_per_epoch, num_replicas):

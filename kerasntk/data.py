@@ -12,12 +12,12 @@ import hashlib
 import json
 import os
 import random
-import tempfile
 import warnings
 
 import numpy as np
 import tensorflow as tf
 
+from kerasntk import fs  # noqa: E402
 from kerasntk.config import DATASETS as NAMES  # noqa: E402  (one list: the config schema's)
 AUGMENTATIONS = ("pad_crop_flip",)
 CROP_PADDING = 4  # pixels on each side before the random crop (He et al. 2016 CIFAR augmentation)
@@ -200,17 +200,11 @@ def _mnist1d_cache_path(args):
 
 
 def _atomic_savez(path, arrays):
-    """Write an .npz through a temporary file and os.replace; a failure only warns (the cache is optional)."""
+    """Write an .npz atomically (`fs.atomic_file`); a failure only warns (the cache is optional)."""
     try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".npz.tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        fs.makedirs(os.path.dirname(path))
+        with fs.atomic_file(path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, **arrays)
     except OSError as err:
         warnings.warn(f"could not cache generated data at {path}: {err}", stacklevel=3)
 
@@ -250,11 +244,11 @@ def _prepare_instructions(name, data_dir, looked_in):
 
 
 def _load_npz(path):
-    """A user .npz with x_train, y_train, x_test, y_test; (N, H, W) images get a channel axis."""
+    """A user .npz (local or gs://) with x_train, y_train, x_test, y_test; (N, H, W) images get a channel axis."""
     if path is None:
         raise ValueError("dataset 'npz' needs path=<file.npz> holding x_train, y_train, x_test, y_test")
     try:
-        with np.load(path, allow_pickle=False) as f:
+        with fs.open_file(path, "rb") as raw, np.load(raw, allow_pickle=False) as f:
             missing = [key for key in _NPZ_KEYS if key not in f.files]
             if missing:
                 raise ValueError(f"{path}: missing arrays {missing}; found {sorted(f.files)}, need {list(_NPZ_KEYS)}")

@@ -1,19 +1,17 @@
 """Kernel learning (METHODS.md §5): train the parent's linearization at time t and measure its test error.
 
-One job per time t, resumable: `RUN_DIR/linearized/sXXXXXXXX/` holds a checkpoint of the linearized model
-and its optimizer after every epoch plus `history.json`; the result is one row of `parent(time, metric)`.
+One job per time t, resumable: its `rundir.JobDir` holds a resume checkpoint of the linearized model and its
+optimizer after every epoch plus `history.json`; the result is one row of `parent(time, metric)`.
 """
 
-import json
 import math
-import os
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 from kerasntk import config as cfg
-from kerasntk import data, landscape, training
+from kerasntk import data, landscape
 from kerasntk.linearize import linearize
 
 
@@ -26,7 +24,7 @@ def validation_split(arrays, n, seed):
     return train, (arrays.x_train[held], arrays.y_train[held])
 
 
-def fit_linearized(model, weights, arrays, config, job_dir, strategy, verbose=1):
+def fit_linearized(model, weights, arrays, config, job, strategy, verbose=1):
     """Train f(x; w_t) + J(x; w_t)·Δw (Δw from 0, softmax cross-entropy, SGD with momentum) and return
     {linearized_test_error (best over epochs, the paper's number), linearized_val_selected_test_error,
     linearized_test_loss (at the selected epoch)}."""
@@ -46,8 +44,7 @@ def fit_linearized(model, weights, arrays, config, job_dir, strategy, verbose=1)
         lin.build(model.input_shape)
         optimizer.build(lin.trainable_variables)
     checkpoint = tf.train.Checkpoint(model=lin, optimizer=optimizer)
-    manager = tf.train.CheckpointManager(checkpoint, os.path.join(job_dir, "resume"), 1)
-    history = _restore(manager, checkpoint, job_dir)
+    history = _restore(job, checkpoint)
     for epoch in range(len(history), epochs):
         batches = data.train_batches(train_arrays, batch_size=lc.batch_size, epoch=epoch,
                                      order_seed=config.train.data_seed, augment_seed=config.train.augment_seed,
@@ -60,20 +57,18 @@ def fit_linearized(model, weights, arrays, config, job_dir, strategy, verbose=1)
         if verbose:
             print(f"  linearized epoch {epoch + 1}/{epochs}: test error {test['error']:.4f} "
                   f"(validation {val['error']:.4f})", flush=True)
-        training.write_json_atomic(os.path.join(job_dir, "history.json"), history)
-        manager.save(checkpoint_number=epoch + 1)
+        job.write_history(history)
+        job.save_checkpoint(checkpoint, int(optimizer.iterations.numpy()), dict(epoch=epoch + 1), kind="resume")
     selected = min(history, key=lambda h: (h["val_error"], h["epoch"]))
     return dict(linearized_test_error=min(h["test_error"] for h in history),
                 linearized_val_selected_test_error=selected["test_error"],
                 linearized_test_loss=selected["test_loss"])
 
 
-def _restore(manager, checkpoint, job_dir):
+def _restore(job, checkpoint):
     """The per-epoch history of an interrupted job, with its latest checkpoint restored (empty if none)."""
-    if not manager.latest_checkpoint:
+    step = job.latest_resume()
+    if step is None:
         return []
-    checkpoint.read(manager.latest_checkpoint).assert_existing_objects_matched()
-    with tf.io.gfile.GFile(os.path.join(job_dir, "history.json")) as f:
-        history = json.load(f)
-    done = int(manager.latest_checkpoint.rsplit("-", 1)[-1])
-    return history[:done]
+    meta = job.read_checkpoint(checkpoint, step, kind="resume")
+    return job.read_history()[:meta["epoch"]]

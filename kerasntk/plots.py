@@ -6,12 +6,13 @@ nothing pops up); each figure is skipped with a log line when the variables it n
 """
 
 import logging
-import os
 
 import numpy as np
 from matplotlib import colormaps, colors
 from matplotlib.cm import ScalarMappable
 from matplotlib.figure import Figure
+
+from kerasntk import fs
 
 log = logging.getLogger(__name__)
 
@@ -26,17 +27,16 @@ CORRELATED = ("error_barrier", "loss_barrier", "train_error_barrier", "disagreem
 
 def report(ds, out_dir):
     """Write every figure the Dataset supports to `out_dir` as PNG and PDF; return the written paths."""
-    os.makedirs(out_dir, exist_ok=True)
+    fs.makedirs(out_dir)
     paths = []
     for name, draw in _FIGURES:
         fig = draw(ds)
         if fig is None:
             continue
         for ext in ("png", "pdf"):
-            path = os.path.join(out_dir, f"{name}.{ext}")
-            tmp = os.path.join(out_dir, f".{name}.tmp.{ext}")  # renamed: a kill never leaves half a figure
-            fig.savefig(tmp, dpi=150, bbox_inches="tight")
-            os.replace(tmp, path)
+            path = fs.join(out_dir, f"{name}.{ext}")
+            with fs.atomic_file(path) as tmp:  # a kill never leaves half a figure
+                fig.savefig(tmp, format=ext, dpi=150, bbox_inches="tight")
             paths.append(path)
     return paths
 

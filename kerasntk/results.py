@@ -10,7 +10,6 @@ and a multi-dimensional variable (`pair`) the same name.
 
 import contextlib
 import datetime
-import glob
 import importlib.metadata
 import json
 import logging
@@ -18,10 +17,11 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 
 import numpy as np
 import xarray as xr
+
+from kerasntk import fs, rundir
 
 log = logging.getLogger(__name__)
 
@@ -155,38 +155,19 @@ def pair_dataset(step, time, pairs, metrics, alphas, curves, attrs=None):
     return _finish(ds, attrs)
 
 
-def job_path(run_dir, kind, step=None, child=None):
-    """Path of a job file in RUN_DIR/results: parent.nc, linearized_s{step:08d}.nc, child_s{step:08d}_c{child}.nc,
-    pair_s{step:08d}.nc."""
-    names = dict(parent=lambda: "parent.nc", linearized=lambda: f"linearized_s{int(step):08d}.nc",
-                 child=lambda: f"child_s{int(step):08d}_c{int(child)}.nc", pair=lambda: f"pair_s{int(step):08d}.nc")
-    if kind not in names:
-        raise ValueError(f"job kind must be one of {sorted(names)}; got {kind!r}")
-    return os.path.join(os.fspath(run_dir), "results", names[kind]())
-
-
 # --- writing and reading -----------------------------------------------------------------------------
 
 
 def write_atomic(ds, path):
-    """Write `ds` as NetCDF4 to `path` so that `path` is never half-written: the data goes to a hidden
-    temporary file in the same directory, is fsync'ed, and replaces `path` in one rename."""
-    path = os.path.abspath(os.fspath(path))
-    directory = os.path.dirname(path)
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    os.close(fd)
-    try:
+    """Write `ds` as NetCDF4 to `path` (local or gs://) so that `path` is never half-written (`fs.atomic_file`)."""
+    with fs.atomic_file(path) as tmp:
         ds.to_netcdf(tmp, engine=ENGINE, encoding=_encoding(ds))
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise
-    _fsync_dir(directory)
+
+
+def load(path):
+    """A NetCDF file (local or gs://) loaded into memory."""
+    with fs.local_path(path) as local:
+        return xr.load_dataset(local, engine=ENGINE)
 
 
 def merge(paths_or_run_dir):
@@ -194,7 +175,7 @@ def merge(paths_or_run_dir):
     outer join on every dimension with NaN where a job is missing, global attributes from parent.nc,
     plus `correlation(metric, metric_b)` (Spearman)."""
     paths = _job_paths(paths_or_run_dir)
-    datasets = [xr.load_dataset(p, engine=ENGINE) for p in paths]
+    datasets = [load(p) for p in paths]
     datasets, labels = _pop_labels(datasets)
     merged = xr.merge(datasets, compat="no_conflicts", join="outer", fill_value=np.nan, combine_attrs="override")
     merged = merged.assign_coords({name: (dim, [labels[name][v] for v in merged[dim].values])
@@ -208,12 +189,9 @@ def merge(paths_or_run_dir):
 
 def open_run(run_dir_or_file):
     """The merged results of a run: a merged NetCDF file (e.g. RUN_DIR/results.nc) is loaded as is, a run
-    directory is merged from RUN_DIR/results/*.nc."""
+    directory is merged from its job files."""
     path = os.fspath(run_dir_or_file)
-    return xr.load_dataset(path, engine=ENGINE) if os.path.isfile(path) else merge(path)
-
-
-# --- analysis ----------------------------------------------------------------------------------------
+    return merge(path) if rundir.is_run_dir(path) or fs.isdir(path) else load(path)
 
 
 def correlation(ds, method="spearman"):
@@ -342,21 +320,11 @@ def _encoding(ds):
     return {name: dict(zlib=True, complevel=4) for name, var in ds.data_vars.items() if var.dtype.kind == "f"}
 
 
-def _fsync_dir(directory):
-    """Persist a rename (no-op where directories cannot be opened, e.g. Windows)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def _job_paths(paths_or_run_dir):
     """Job files to merge, parent.nc first (its attributes become the run's)."""
     if isinstance(paths_or_run_dir, (str, os.PathLike)):
-        paths = sorted(glob.glob(os.path.join(os.fspath(paths_or_run_dir), "results", "*.nc")))
-        where = f"{os.fspath(paths_or_run_dir)}/results/*.nc"
+        paths = rundir.RunDir(paths_or_run_dir).result_paths()
+        where = f"the results of run directory {os.fspath(paths_or_run_dir)!r}"
     else:
         paths, where = [os.fspath(p) for p in paths_or_run_dir], "the given list"
     if not paths:

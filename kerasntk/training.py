@@ -1,23 +1,23 @@
-"""The trainer: a custom distributed train step, LR schedules, the checkpoint grid, and automatic resume.
+"""The trainer: a custom distributed train step, LR schedules, grid checkpoints and automatic resume.
 
-A training job lives in a directory holding `resume/` (the latest in-run checkpoint, overwritten),
-`checkpoints/step_XXXXXXXX/` (permanent grid checkpoints: model, optimizer slots, step, and `meta.json`
-with the data position) and `history.json` (per-epoch losses and errors). Batches are a pure function of
-(data seed, epoch, batch index), so a job killed at any point and restarted replays exactly the same steps.
+A training job's files (checkpoints, resume state, history) live in a `rundir.JobDir`. Batches are a pure
+function of (data seed, epoch, batch index), so a job killed at any point and restarted from its last
+resume checkpoint replays exactly the same steps.
 """
 
-import json
+import contextlib
 import logging
 import math
 import os
+import signal
+import threading
 import time
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from kerasntk import config as cfg
-from kerasntk import data, models
+from kerasntk import data, faults, models
 
 log = logging.getLogger(__name__)
 
@@ -50,81 +50,35 @@ class Schedule(keras.optimizers.schedules.LearningRateSchedule):
                     warmup_steps=self.warmup_steps, milestones=self.milestones, gamma=self.gamma)
 
 
-def checkpoint_steps(config, steps_per_epoch):
-    """The checkpoint grid in steps: 0, the end, explicit, spawn and linearization times, log-spaced and
-    periodic times."""
-    c = config.checkpoints
-    total = cfg.parse_duration(config.train.length).steps(steps_per_epoch)
-    steps = {0, total}
-    for value in list(c.times) + list(config.spawn.times) + list(config.linearize.times):
-        steps.add(cfg.parse_duration(value).steps(steps_per_epoch))
-    if c.log_num:
-        start, stop = cfg.parse_duration(c.log_start), cfg.parse_duration(c.log_stop)
-        for value in np.geomspace(start.value, stop.value, c.log_num):
-            steps.add(cfg.Duration(float(value), start.unit).steps(steps_per_epoch))
-    if c.every is not None:
-        every = cfg.parse_duration(c.every).steps(steps_per_epoch)
-        steps.update(range(0, total + 1, max(every, 1)))
-    dt = velocity_dt_steps(config, steps_per_epoch)
-    if dt is not None:  # the partner of every time for the kernel velocity
-        steps.update([s + dt for s in steps])
-    return sorted(s for s in steps if 0 <= s <= total)
+class Preempted(RuntimeError):
+    """Training stopped on SIGTERM after saving a resume checkpoint; run the job again to continue."""
 
 
-def velocity_dt_steps(config, steps_per_epoch):
-    """`ntk.velocity_dt` in steps (at least 1), or None when kernels are off or velocity uses the next checkpoint."""
-    n = config.ntk
-    if not n.enabled or n.velocity_dt is None:
-        return None
-    return max(cfg.parse_duration(n.velocity_dt).steps(steps_per_epoch), 1)
-
-
-def checkpoint_dir(job_dir, step):
-    return os.path.join(job_dir, "checkpoints", f"step_{step:08d}")
-
-
-def saved_checkpoints(job_dir):
-    """Steps of the complete grid checkpoints in `job_dir`, sorted."""
-    root = os.path.join(job_dir, "checkpoints")
-    if not tf.io.gfile.isdir(root):
-        return []
-    names = [n.rstrip("/") for n in tf.io.gfile.listdir(root)]
-    return sorted(int(n[5:]) for n in names if n.startswith("step_") and n[5:].isdigit())
-
-
-def write_json_atomic(path, obj):
-    """Write JSON to a temporary file, then rename it over `path`: readers never see half a file."""
-    tf.io.gfile.makedirs(os.path.dirname(path) or ".")
-    tmp = f"{path}.tmp{os.getpid()}"
-    with tf.io.gfile.GFile(tmp, "w") as f:
-        f.write(json.dumps(obj, indent=1, sort_keys=True))
-    tf.io.gfile.rename(tmp, path, overwrite=True)
+class Diverged(RuntimeError):
+    """The training loss became NaN or infinite; nothing after the last finite chunk is saved."""
 
 
 class Trainer:
     """Trains one network (a parent or a child) under a strategy, with grid checkpoints and resume.
 
-    config: a validated `kerasntk.config.Config`. job_dir: where this job's checkpoints live.
-    arrays: the loaded `kerasntk.data.Arrays` (loaded from the config when None).
-    data_seed / augment_seed: override the config's (children use their own).
+    model, optimizer: built inside `strategy.scope()` (`build_model_and_optimizer`).
+    arrays: `kerasntk.data.Arrays`. job: the `rundir.JobDir` holding this job's checkpoints and history.
+    train: the config's train section (batch size, weight decay, steps per execution, XLA, eval batch).
+    total_steps, steps_per_epoch: from the run's `Grid`. augment: the data section's augmentation setting.
+    data_seed, augment_seed: this network's seeds (children have their own).
+    name: how log lines and errors name the job.
     """
 
-    def __init__(self, config, job_dir, *, strategy=None, arrays=None, data_seed=None, augment_seed=None):
-        self.config, self.job_dir = config, job_dir
-        t = config.train
-        if t.deterministic:
-            tf.config.experimental.enable_op_determinism()
+    def __init__(self, model, optimizer, arrays, job, *, train, total_steps, steps_per_epoch, data_seed,
+                 augment_seed, augment=None, strategy=None, name="training"):
+        self.model, self.optimizer, self.arrays, self.job, self.train_config = model, optimizer, arrays, job, train
+        self.total_steps, self.steps_per_epoch = int(total_steps), int(steps_per_epoch)
+        self.data_seed, self.augment_seed, self.augment, self.name = int(data_seed), int(augment_seed), augment, name
         self.strategy = strategy or tf.distribute.get_strategy()
-        self.arrays = arrays if arrays is not None else load_data(config)
-        self.steps_per_epoch = data.steps_per_epoch(self.arrays, t.batch_size)
-        self.total_steps = cfg.validate_against(config, self.steps_per_epoch, self.strategy.num_replicas_in_sync)
-        self.data_seed = t.data_seed if data_seed is None else data_seed
-        self.augment_seed = t.augment_seed if augment_seed is None else augment_seed
-        self.model, self.optimizer = build_model_and_optimizer(config, self.arrays, self.total_steps,
-                                                               self.steps_per_epoch, self.strategy)
-        self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer)
-        self.resume_manager = tf.train.CheckpointManager(self.checkpoint, os.path.join(job_dir, "resume"), 1)
+        self.checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer)
         self.history = []
+        self._partial = np.zeros(3)  # (loss sum, correct, count) of the current epoch so far
+        self._last_finite_loss = None
         self._run_chunk = self._make_chunk_fn()
         self._eval_batch = self._make_eval_fn()
 
@@ -139,93 +93,98 @@ class Trainer:
     # -- state -------------------------------------------------------------------------------------------
 
     def restore(self, start_from=None, reset_momentum=False):
-        """Resume from this job's latest checkpoint; else start from checkpoint `start_from`; else from init.
-
-        Returns the step training continues from.
-        """
-        latest = self.resume_manager.latest_checkpoint
-        if latest:
-            self.checkpoint.read(latest).assert_existing_objects_matched()
-            self.history = [h for h in self._read_history() if h["step"] <= self.step]
-            log.info("resumed %s at step %d", self.job_dir, self.step)
+        """Resume from this job's latest resume checkpoint; else start from `start_from` (a (JobDir, step)
+        grid checkpoint, e.g. the parent's at a spawn time); else from init. Returns the step."""
+        latest = self.job.latest_resume()
+        if latest is not None:
+            meta = self.job.read_checkpoint(self.checkpoint, latest, kind="resume")
+            self._partial = np.array(meta.get("epoch_totals", [0.0, 0.0, 0.0]))
+            self.history = [h for h in self.job.read_history() if h["step"] <= self.step]
+            log.info("%s: resumed at step %d", self.name, self.step)
         elif start_from:
-            self.checkpoint.read(os.path.join(start_from, "ckpt")).assert_existing_objects_matched()
+            source, step = start_from
+            source.read_checkpoint(self.checkpoint, step)
             if reset_momentum:
                 for slot in self.optimizer.momentums:
                     slot.assign(tf.zeros_like(slot))
-            log.info("started %s from %s (step %d)", self.job_dir, start_from, self.step)
+            log.info("%s: started from %s step %d", self.name, source.path, self.step)
         return self.step
 
     def save_grid_checkpoint(self):
         """Write a permanent checkpoint of the current step (weights, optimizer, step, data position)."""
-        step = self.step
-        final = checkpoint_dir(self.job_dir, step)
-        if tf.io.gfile.exists(os.path.join(final, "meta.json")):
-            return final
-        tmp = f"{final}.tmp"
-        if tf.io.gfile.exists(tmp):
-            tf.io.gfile.rmtree(tmp)
-        self.checkpoint.write(os.path.join(tmp, "ckpt"))
-        epoch, batch = divmod(step, self.steps_per_epoch)
-        write_json_atomic(os.path.join(tmp, "meta.json"), dict(
-            step=step, time=self.epoch(step), epoch=epoch, batch=batch, data_seed=self.data_seed,
-            augment_seed=self.augment_seed, steps_per_epoch=self.steps_per_epoch,
-            learning_rate=float(self.optimizer.learning_rate.numpy())))
-        if tf.io.gfile.exists(final):  # a stale, incomplete copy from an interrupted rename
-            tf.io.gfile.rmtree(final)
-        tf.io.gfile.rename(tmp, final)
-        return final
+        return self.job.save_checkpoint(self.checkpoint, self.step, self._meta())
 
     def _save_resume(self):
-        write_json_atomic(os.path.join(self.job_dir, "history.json"), self.history)
-        self.resume_manager.save(checkpoint_number=self.step)
+        self.job.write_history(self.history)
+        self.job.save_checkpoint(self.checkpoint, self.step, dict(self._meta(), epoch_totals=self._partial.tolist()),
+                                 kind="resume")
 
-    def _read_history(self):
-        path = os.path.join(self.job_dir, "history.json")
-        if not tf.io.gfile.exists(path):
-            return []
-        with tf.io.gfile.GFile(path) as f:
-            return json.load(f)
+    def _meta(self):
+        epoch, batch = divmod(self.step, self.steps_per_epoch)
+        return dict(time=self.epoch(), epoch=epoch, batch=batch, data_seed=self.data_seed,
+                    augment_seed=self.augment_seed, steps_per_epoch=self.steps_per_epoch,
+                    learning_rate=float(self.optimizer.learning_rate.numpy()))
 
     # -- the loop ----------------------------------------------------------------------------------------
 
     def train(self, until=None, save_steps=(), verbose=1):
         """Train to step `until` (default: the end), saving grid checkpoints at `save_steps` and resume
-        checkpoints at every epoch end. Returns the history (one dict per completed epoch)."""
+        checkpoints at every epoch end. Returns the history (one dict per completed epoch).
+
+        SIGTERM (a preemption, a cancelled Ray task) saves a resume checkpoint at the next chunk boundary
+        and raises `Preempted`; a NaN or infinite loss raises `Diverged`.
+        """
         until = self.total_steps if until is None else until
         save_steps = sorted(set(s for s in save_steps if self.step <= s <= until))
         if self.step in save_steps:
             self.save_grid_checkpoint()
-        while self.step < until:
-            epoch, batch = divmod(self.step, self.steps_per_epoch)
-            epoch_end = min((epoch + 1) * self.steps_per_epoch, until)
-            totals = self._train_epoch_part(epoch, batch, epoch_end, save_steps, verbose)
-            if self.step % self.steps_per_epoch == 0 or self.step == self.total_steps:
-                self._end_epoch(epoch, totals, verbose)
+        with _sigterm_flag() as stop:
+            while self.step < until:
+                epoch, batch = divmod(self.step, self.steps_per_epoch)
+                epoch_end = min((epoch + 1) * self.steps_per_epoch, until)
+                self._train_epoch_part(epoch, batch, epoch_end, save_steps, verbose, stop)
+                if self.step % self.steps_per_epoch == 0 or self.step == self.total_steps:
+                    self._end_epoch(verbose)
         return self.history
 
-    def _train_epoch_part(self, epoch, batch, stop, save_steps, verbose):
-        """Run steps from the current one to `stop` within `epoch`, checkpointing on the grid on the way."""
-        t = self.config.train
+    def _train_epoch_part(self, epoch, batch, stop_step, save_steps, verbose, stop):
+        """Run steps from the current one to `stop_step` within `epoch`, checkpointing on the grid on the way."""
+        t = self.train_config
         batches = data.train_batches(self.arrays, batch_size=t.batch_size, epoch=epoch, order_seed=self.data_seed,
-                                     augment_seed=self.augment_seed, start_batch=batch,
-                                     augment=self.config.data.augment)
+                                     augment_seed=self.augment_seed, start_batch=batch, augment=self.augment)
         iterator = iter(self.strategy.experimental_distribute_dataset(batches))
         bar = keras.utils.Progbar(self.steps_per_epoch, verbose=verbose, unit_name="step") if verbose else None
-        totals = np.zeros(3)
-        while self.step < stop:
-            next_save = min([s for s in save_steps if s > self.step] + [stop])
+        while self.step < stop_step:
+            next_save = min([s for s in save_steps if s > self.step] + [stop_step])
             n = min(t.steps_per_execution, next_save - self.step)
-            totals += self._run_chunk(iterator, tf.constant(n)).numpy()
+            before = self.step
+            chunk = self._run_chunk(iterator, tf.constant(n)).numpy()
+            self._check_finite(chunk, before)
+            self._partial += chunk
             if self.step in save_steps:
                 self.save_grid_checkpoint()
+            faults.at_step(self.name, self.step)
+            if stop:
+                self._save_resume()
+                raise Preempted(f"{self.name}: stopped by SIGTERM at step {self.step} (epoch {self.epoch():.3f}); "
+                                "a resume checkpoint is saved, run the same command again to continue")
             if bar:
+                totals = self._partial
                 bar.update(self.step - epoch * self.steps_per_epoch,
                            [("loss", totals[0] / totals[2]), ("error", 1 - totals[1] / totals[2])])
-        return totals
 
-    def _end_epoch(self, epoch, totals, verbose):
+    def _check_finite(self, chunk, first_step):
+        if np.isfinite(chunk[0]):
+            self._last_finite_loss = chunk[0] / max(chunk[2], 1)
+            return
+        last = "none" if self._last_finite_loss is None else f"{self._last_finite_loss:.4g}"
+        raise Diverged(f"{self.name}: the training loss is not finite in steps {first_step}-{self.step} "
+                       f"(epoch {self.epoch(first_step):.3f}); last finite loss {last}; lower train.lr "
+                       "or add train.warmup")
+
+    def _end_epoch(self, verbose):
         test = self.evaluate(self.arrays.x_test, self.arrays.y_test)
+        totals, self._partial = self._partial, np.zeros(3)
         row = dict(epoch=self.epoch(), step=self.step, lr=float(self.optimizer.learning_rate.numpy()),
                    train_loss=totals[0] / max(totals[2], 1), train_error=1 - totals[1] / max(totals[2], 1),
                    test_loss=test["loss"], test_error=test["error"], wall_time=time.time())
@@ -240,7 +199,7 @@ class Trainer:
 
     def _make_chunk_fn(self):
         """A tf.function running n train steps from a distributed iterator; returns summed (loss, correct, count)."""
-        t, model, optimizer, strategy = self.config.train, self.model, self.optimizer, self.strategy
+        t, model, optimizer, strategy = self.train_config, self.model, self.optimizer, self.strategy
         variables = model.trainable_variables
         replicas = strategy.num_replicas_in_sync
 
@@ -290,7 +249,7 @@ class Trainer:
 
         The last batch is padded to the full eval batch (masked out), so every call has one static shape.
         """
-        batch = self.config.train.eval_batch_size
+        batch = self.train_config.eval_batch_size
         batch = batch - batch % self.strategy.num_replicas_in_sync or self.strategy.num_replicas_in_sync
         pad = -len(x) % batch
         mask = np.concatenate([np.ones(len(x), np.float32), np.zeros(pad, np.float32)])
@@ -329,16 +288,41 @@ def load_data(config):
     return data.load_arrays(d.name, data_dir=data_dir, path=d.path, seed=d.seed)
 
 
-def build_model_and_optimizer(config, arrays, total_steps, steps_per_epoch, strategy):
-    """The seeded model and its SGD-momentum optimizer, created and built inside the strategy's scope."""
+def build_model_and_optimizer(config, arrays, grid, strategy):
+    """The seeded model and its SGD-momentum optimizer (schedule on `grid`), built inside the strategy's scope."""
     t = config.train
-    schedule = Schedule(
-        t.lr, total_steps, t.schedule,
-        warmup_steps=cfg.parse_duration(t.warmup).steps(steps_per_epoch),
-        milestones=[cfg.parse_duration(m).steps(steps_per_epoch) for m in t.milestones], gamma=t.gamma)
+    schedule = Schedule(t.lr, grid.total, t.schedule, warmup_steps=grid.warmup, milestones=grid.milestones,
+                        gamma=t.gamma)
     with strategy.scope():
         keras.utils.set_random_seed(t.seed)
         model = models.get(config.model.name, arrays.input_shape, arrays.num_classes, **config.model.options)
         optimizer = keras.optimizers.SGD(learning_rate=schedule, momentum=t.momentum)
         optimizer.build(model.trainable_variables)
     return model, optimizer
+
+
+class _Flag:
+    def __init__(self):
+        self.raised = False
+
+    def __bool__(self):
+        return self.raised
+
+
+@contextlib.contextmanager
+def _sigterm_flag():
+    """A flag raised by SIGTERM while the block runs (the previous handler is restored after). Signal
+    handlers can only be installed in the main thread; elsewhere the flag never rises."""
+    flag = _Flag()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, frame):
+        flag.raised = True
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -10,6 +10,7 @@ import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from kerasntk import distribute  # noqa: E402
+from helpers import synthetic_arrays, tiny, write_npz  # noqa: E402
 
 distribute.split_cpu(2)
 
@@ -23,3 +24,19 @@ def mirrored():
     collective instance"); every test that needs mirroring shares this one.
     """
     return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+
+
+@pytest.fixture(scope="session")
+def npz(tmp_path_factory):
+    """The tiny experiment's data: 256 train / 64 test synthetic examples of shape (16, 1)."""
+    return write_npz(tmp_path_factory.mktemp("data") / "tiny.npz", synthetic_arrays(n_train=256, n_test=64, shape=(16, 1)))
+
+
+@pytest.fixture(scope="session")
+def clean_run(tmp_path_factory, npz):
+    """One uninterrupted local run of the tiny experiment, shared by the tests that inspect or compare with it."""
+    from kerasntk import config as cfg
+    from kerasntk import experiment
+
+    run_dir = tmp_path_factory.mktemp("clean")
+    return experiment.run(cfg.load(None, tiny(npz)), str(run_dir), verbose=0), run_dir

@@ -11,7 +11,8 @@ from keras import layers
 
 from kerasntk import data, models
 from kerasntk.linearize import kernel_regression, linearize
-from test_training import ZOO, synthetic_arrays
+from helpers import synthetic_arrays
+from test_training import ZOO
 
 
 def tiny_model(seed=0, dtype="float64", inputs=5, hidden=7, outputs=3, batchnorm=True, dropout=True):

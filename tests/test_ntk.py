@@ -326,9 +326,11 @@ def test_bad_arguments_are_named():
 def test_ntk_cli_measures_every_checkpoint_of_a_run(tmp_path):
     """`kerasntk ntk RUN_DIR` computes the probe-set kernel of every parent checkpoint and writes parent(time,
     metric) kernel metrics and kernel_distance(time, time_b), equal to those of kernels recomputed here."""
-    from kerasntk import cli, results, spawn
+    from kerasntk import cli
+    from kerasntk.experiment import Experiment
+    from kerasntk.rundir import RunDir
     from kerasntk import config as cfg
-    from test_training import synthetic_arrays
+    from helpers import synthetic_arrays
 
     _set_float("float32")  # the experiment trains in float32
     arrays = synthetic_arrays(n_train=128, n_test=32, shape=(16, 1))
@@ -338,18 +340,18 @@ def test_ntk_cli_measures_every_checkpoint_of_a_run(tmp_path):
                              "checkpoints.log_num=0", "checkpoints.every=1ep", "spawn.times=[]",
                              "linearize.times=[]", "ntk.probe_size=12", "ntk.batch_size=5"])
     run_dir = str(tmp_path / "run")
-    spawn.prepare_run_dir(config, run_dir)
-    experiment = spawn.Experiment(config, run_dir, verbose=0)
+    RunDir(run_dir).prepare(config)
+    experiment = Experiment(config, run_dir, verbose=0)
     experiment.train_parent()
     assert cli.main(["-q", "ntk", run_dir]) == 0
-    ds = xr.load_dataset(results.job_path(run_dir, "parent"))
-    steps = experiment.grid
+    ds = xr.load_dataset(RunDir(run_dir).result("parent"))
+    steps = experiment.grid.checkpoints
     assert ds.parent.dims == ("time", "metric") and ds.kernel_distance.dims == ("time", "time_b")
     assert ds.sizes["time"] == len(steps) >= 3  # every checkpoint of the grid (epochs 0, 1, 2 at least)
-    model, fn = experiment.parent.model, None
+    model, fn = experiment.model, None
     kernels = []
     for step in steps:  # recompute every checkpoint's kernel from its weights
-        model.set_weights(experiment.weights_at(spawn.parent_dir(run_dir), step))
+        model.set_weights(experiment.weights_at(RunDir(run_dir).parent, step))
         fn = fn or ntk.empirical_ntk_fn(model, batch_size=5)
         kernels.append(fn(experiment.x_probe).astype(np.float64))
         assert kernels[-1].shape == (12, 12)

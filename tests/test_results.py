@@ -14,6 +14,7 @@ import scipy.stats
 import xarray as xr
 
 from kerasntk import results as rs
+from kerasntk.rundir import RunDir
 
 TIMES = np.array([0.0, 0.25, 1.0, 4.0])
 STEPS = np.array([0, 25, 100, 400])
@@ -39,12 +40,12 @@ def _pair(i, pairs=PAIRS):
 
 
 def _write_run(run_dir, skip_children=()):
-    rs.write_atomic(_parent(attrs=dict(title="run", config="{}")), rs.job_path(run_dir, "parent"))
+    rs.write_atomic(_parent(attrs=dict(title="run", config="{}")), RunDir(run_dir).result("parent"))
     for i in SPAWN_TIMES:
-        rs.write_atomic(_pair(i), rs.job_path(run_dir, "pair", STEPS[i]))
+        rs.write_atomic(_pair(i), RunDir(run_dir).result("pair", STEPS[i]))
         for c in range(3):
             if (i, c) not in skip_children:
-                rs.write_atomic(_child(i, c), rs.job_path(run_dir, "child", STEPS[i], c))
+                rs.write_atomic(_child(i, c), RunDir(run_dir).result("child", STEPS[i], c))
 
 
 def test_job_datasets_round_trip_through_netcdf(tmp_path):
@@ -82,7 +83,7 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="distinct times"):
         rs.parent_dataset([0, 0], [1.0, 1.0], dict(test_error=[0.1, 0.2]))
     with pytest.raises(ValueError, match="job kind"):
-        rs.job_path("run", "grandchild")
+        RunDir("run").result("grandchild")
     with pytest.raises(ValueError, match="no result files"):
         rs.merge("/nonexistent-run-dir")
 
@@ -110,7 +111,7 @@ def test_merge_combines_jobs_and_fills_missing_children_with_nan(tmp_path):
 
 def test_merge_rejects_disagreeing_steps(tmp_path):
     _write_run(tmp_path)
-    rs.write_atomic(rs.child_dataset(999, TIMES[2], 0, dict(test_error=0.1)), rs.job_path(tmp_path, "child", 999, 0))
+    rs.write_atomic(rs.child_dataset(999, TIMES[2], 0, dict(test_error=0.1)), RunDir(tmp_path).result("child", 999, 0))
     with pytest.raises(ValueError, match="disagree on step"):
         rs.merge(tmp_path)
 
@@ -178,7 +179,7 @@ def test_sigkill_during_write_atomic_leaves_no_partial_file(tmp_path):
     """A child process is SIGKILLed inside write_atomic after the data is written but before the rename
     (os.fsync is hooked to block there): the target keeps its old complete content and merge ignores the
     leftover hidden temporary file."""
-    target = rs.job_path(tmp_path, "child", 0, 0)
+    target = RunDir(tmp_path).result("child", 0, 0)
     rs.write_atomic(_child(0, 0), target)
     before = open(target, "rb").read()
     script = textwrap.dedent(f"""
@@ -195,7 +196,7 @@ def test_sigkill_during_write_atomic_leaves_no_partial_file(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "writing"
-        leftovers = glob.glob(os.path.join(os.path.dirname(target), ".*.tmp"))
+        leftovers = glob.glob(os.path.join(os.path.dirname(target), ".*.tmp*"))
         assert len(leftovers) == 1 and os.path.getsize(leftovers[0]) > 0  # the new data exists, unrenamed
     finally:
         proc.send_signal(signal.SIGKILL)

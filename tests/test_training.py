@@ -12,19 +12,9 @@ import tensorflow as tf
 
 from kerasntk import config as cfg
 from kerasntk import data, models, training
-
-
-def synthetic_arrays(n_train=256, n_test=100, shape=(40, 1), classes=10, seed=0):
-    """A small learnable problem: class-dependent means plus noise."""
-    rng = np.random.default_rng(seed)
-    centers = rng.normal(size=(classes,) + shape).astype(np.float32)
-
-    def split(n):
-        y = rng.integers(0, classes, n).astype(np.int32)
-        return centers[y] + 0.5 * rng.normal(size=(n,) + shape).astype(np.float32), y
-
-    (x_train, y_train), (x_test, y_test) = split(n_train), split(n_test)
-    return data.Arrays(x_train, y_train, x_test, y_test, name="synthetic", num_classes=classes, augment=None)
+from kerasntk.experiment import Grid
+from kerasntk.rundir import JobDir
+from helpers import synthetic_arrays
 
 
 def tiny_config(*overrides):
@@ -32,6 +22,19 @@ def tiny_config(*overrides):
             "checkpoints.log_num=0", "checkpoints.every=null", "spawn.times=[0, 0.5]", "linearize.times=[]",
             "ntk.probe_size=20"]
     return cfg.load(None, base + list(overrides))
+
+
+def make_trainer(config, job_dir, arrays, strategy=None, data_seed=None):
+    """A Trainer as the experiment builds one: config checked against the data, grid, seeded model."""
+    strategy = strategy or tf.distribute.get_strategy()
+    steps_per_epoch = data.steps_per_epoch(arrays, config.train.batch_size)
+    cfg.validate_against(config, steps_per_epoch, strategy.num_replicas_in_sync)
+    grid = Grid.from_config(config, steps_per_epoch)
+    model, optimizer = training.build_model_and_optimizer(config, arrays, grid, strategy)
+    t = config.train
+    return training.Trainer(model, optimizer, arrays, JobDir(job_dir), train=t, total_steps=grid.total,
+                            steps_per_epoch=steps_per_epoch, data_seed=t.data_seed if data_seed is None else data_seed,
+                            augment_seed=t.augment_seed, augment=config.data.augment, strategy=strategy)
 
 
 def final_weights(trainer):
@@ -59,50 +62,50 @@ def test_checkpoint_grid_has_ends_explicit_log_periodic_spawn_and_linearize_time
     c = cfg.load(None, ["train.length=10ep", "checkpoints.times=[0.3]", "checkpoints.log_start=0.1",
                         "checkpoints.log_stop=1", "checkpoints.log_num=3", "checkpoints.every=5ep",
                         "spawn.times=[2it]", "linearize.times=[4]", "ntk.velocity_dt=null"])
-    assert training.checkpoint_steps(c, steps_per_epoch=100) == [0, 2, 10, 30, 32, 100, 400, 500, 1000]
-    with_partners = training.checkpoint_steps(cfg.load(None, ["train.length=10ep", "checkpoints.log_num=0",
-        "checkpoints.every=5ep", "spawn.times=[2it]", "linearize.times=[]", "ntk.velocity_dt=0.4ep"]), 100)
-    assert with_partners == [0, 2, 40, 42, 500, 540, 1000]  # t + 0.4 epoch for the kernel velocity
+    assert Grid.from_config(c, steps_per_epoch=100).checkpoints == (0, 2, 10, 30, 32, 100, 400, 500, 1000)
+    with_partners = Grid.from_config(cfg.load(None, ["train.length=10ep", "checkpoints.log_num=0",
+        "checkpoints.every=5ep", "spawn.times=[2it]", "linearize.times=[]", "ntk.velocity_dt=0.4ep"]), 100).checkpoints
+    assert with_partners == (0, 2, 40, 42, 500, 540, 1000)  # t + 0.4 epoch for the kernel velocity
 
 
 # -- training -----------------------------------------------------------------------------------------------
 
 def test_training_learns_and_logs_every_epoch(tmp_path):
-    trainer = training.Trainer(tiny_config(), str(tmp_path), arrays=synthetic_arrays())
+    trainer = make_trainer(tiny_config(), str(tmp_path), synthetic_arrays())
     trainer.restore()
     history = trainer.train(save_steps=[0, 4, trainer.total_steps], verbose=0)
     assert [h["epoch"] for h in history] == [1, 2, 3]
     assert history[0]["train_error"] > history[-1]["train_error"]  # learning
     assert history[-1]["test_error"] < 0.5  # far better than chance (0.9)
-    assert training.saved_checkpoints(str(tmp_path)) == [0, 4, trainer.total_steps]
+    assert JobDir(tmp_path).checkpoint_steps() == [0, 4, trainer.total_steps]
 
 
 def test_same_seed_gives_bitwise_identical_weights(tmp_path):
     runs = []
     for name in ("a", "b"):
-        trainer = training.Trainer(tiny_config(), str(tmp_path / name), arrays=synthetic_arrays())
+        trainer = make_trainer(tiny_config(), str(tmp_path / name), synthetic_arrays())
         trainer.restore()
         trainer.train(verbose=0)
         runs.append(final_weights(trainer))
     assert all(np.array_equal(a, b) for a, b in zip(*runs))
-    other = training.Trainer(tiny_config("train.data_seed=1"), str(tmp_path / "c"), arrays=synthetic_arrays())
+    other = make_trainer(tiny_config("train.data_seed=1"), str(tmp_path / "c"), synthetic_arrays())
     other.restore()
     other.train(verbose=0)
     assert not all(np.array_equal(a, b) for a, b in zip(runs[0], final_weights(other)))
 
 
 def test_child_inherits_weights_optimizer_slots_and_step(tmp_path):
-    parent = training.Trainer(tiny_config(), str(tmp_path / "p"), arrays=synthetic_arrays())
+    parent = make_trainer(tiny_config(), str(tmp_path / "p"), synthetic_arrays())
     parent.restore()
     parent.train(until=12, save_steps=[12], verbose=0)
-    child = training.Trainer(tiny_config(), str(tmp_path / "c"), arrays=synthetic_arrays(), data_seed=7)
-    child.restore(start_from=training.checkpoint_dir(str(tmp_path / "p"), 12))
+    child = make_trainer(tiny_config(), str(tmp_path / "c"), synthetic_arrays(), data_seed=7)
+    child.restore(start_from=(JobDir(tmp_path / "p"), 12))
     assert child.step == 12
     assert all(np.array_equal(a, b) for a, b in zip(parent.model.get_weights(), child.model.get_weights()))
     assert all(np.array_equal(a.numpy(), b.numpy()) for a, b in zip(parent.optimizer.variables, child.optimizer.variables))
     assert any(np.abs(m.numpy()).max() > 0 for m in child.optimizer.momentums)
-    reset = training.Trainer(tiny_config(), str(tmp_path / "r"), arrays=synthetic_arrays())
-    reset.restore(start_from=training.checkpoint_dir(str(tmp_path / "p"), 12), reset_momentum=True)
+    reset = make_trainer(tiny_config(), str(tmp_path / "r"), synthetic_arrays())
+    reset.restore(start_from=(JobDir(tmp_path / "p"), 12), reset_momentum=True)
     assert all(np.abs(m.numpy()).max() == 0 for m in reset.optimizer.momentums)
 
 
@@ -114,10 +117,10 @@ def test_mirrored_strategy_matches_one_device(tmp_path, mirrored):
     """
     arrays = synthetic_arrays()
     config = tiny_config("train.length=10it", "spawn.times=[]")
-    single = training.Trainer(config, str(tmp_path / "one"), arrays=arrays)
+    single = make_trainer(config, str(tmp_path / "one"), arrays)
     single.restore()
     single.train(verbose=0)
-    multi = training.Trainer(config, str(tmp_path / "two"), arrays=arrays, strategy=mirrored)
+    multi = make_trainer(config, str(tmp_path / "two"), arrays, strategy=mirrored)
     multi.restore()
     multi.train(verbose=0)
     assert multi.step == single.step == 10
@@ -128,8 +131,7 @@ def test_mirrored_strategy_matches_one_device(tmp_path, mirrored):
 
 def test_batch_size_the_replicas_cannot_split(tmp_path, mirrored):
     with pytest.raises(cfg.ConfigError, match="multiple of the 2 replicas"):
-        training.Trainer(tiny_config("train.batch_size=33"), str(tmp_path), arrays=synthetic_arrays(),
-                         strategy=mirrored)
+        make_trainer(tiny_config("train.batch_size=33"), str(tmp_path), synthetic_arrays(), strategy=mirrored)
 
 
 ZOO = [("cnn1d", (16, 1), {}), ("cnn", (8, 8, 3), {"channels": 4}), ("mlp", (12,), {"hidden": [16, 16]}),
@@ -143,7 +145,7 @@ def test_train_step_compiles_with_xla_for_every_zoo_model(tmp_path, name, shape,
     config = tiny_config(f"model.name={name}", "train.length=2it", "train.batch_size=8", "spawn.times=[]",
                          "train.jit_compile=true",
                          f"model.options={options!r}".replace("'", '"'))
-    trainer = training.Trainer(config, str(tmp_path), arrays=synthetic_arrays(32, 16, shape, 4))
+    trainer = make_trainer(config, str(tmp_path), synthetic_arrays(32, 16, shape, 4))
     trainer.restore()
     before = final_weights(trainer)
     trainer.train(verbose=0)
@@ -164,7 +166,7 @@ def _train_cli(out, npz, *extra):
 
 
 def _checkpoint_weights(job_dir, step):
-    reader = tf.train.load_checkpoint(os.path.join(training.checkpoint_dir(job_dir, step), "ckpt"))
+    reader = tf.train.load_checkpoint(os.path.join(JobDir(job_dir).checkpoint_path(step), "ckpt"))
     names = sorted(n for n in reader.get_variable_to_shape_map() if n.endswith("VARIABLE_VALUE"))
     return {n: reader.get_tensor(n) for n in names}
 
@@ -177,13 +179,13 @@ def test_sigkill_mid_epoch_then_restart_is_bitwise_identical(tmp_path):
     clean, killed = tmp_path / "clean", tmp_path / "killed"
     subprocess.run(_train_cli(clean, npz), check=True, timeout=600)
     proc = subprocess.Popen(_train_cli(killed, npz))
-    mid_epoch = training.checkpoint_dir(str(killed / "parent"), int(1.5 * steps_per_epoch))
+    mid_epoch = JobDir(killed / "parent").checkpoint_path(int(1.5 * steps_per_epoch))
     deadline = time.time() + 300
     while not os.path.exists(os.path.join(mid_epoch, "meta.json")) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    final = training.checkpoint_dir(str(killed / "parent"), 4 * steps_per_epoch)
+    final = JobDir(killed / "parent").checkpoint_path(4 * steps_per_epoch)
     assert not os.path.exists(final), "the run finished before it could be killed; the test proves nothing"
     subprocess.run(_train_cli(killed, npz), check=True, timeout=600)
     a = _checkpoint_weights(str(clean / "parent"), 4 * steps_per_epoch)
@@ -197,3 +199,29 @@ def test_cli_reports_config_errors_without_traceback(tmp_path):
                              "--set", "train.batch_size=0"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     assert "train.batch_size" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_sigterm_saves_a_resume_checkpoint_within_one_chunk_and_the_rerun_is_bitwise_identical(tmp_path):
+    """SIGTERM (a preemption; sent by the fault hook at step 63, mid-epoch) stops `kerasntk train` at the end
+    of the running chunk of steps_per_execution=4 steps with exit status 143, a resume checkpoint there
+    and the epoch's partial sums; the rerun continues and ends bitwise equal to an uninterrupted run."""
+    arrays = synthetic_arrays(n_train=800)
+    npz = tmp_path / "d.npz"
+    np.savez(npz, x_train=arrays.x_train, y_train=arrays.y_train, x_test=arrays.x_test, y_test=arrays.y_test)
+    clean, stopped = tmp_path / "clean", tmp_path / "stopped"
+    chunked = ["--set", "train.steps_per_execution=4", "--set", "data.augment=false"]
+    subprocess.run(_train_cli(clean, npz, *chunked), check=True, timeout=600)
+    env = dict(os.environ, KERASNTK_FAULT_STEP="63")
+    proc = subprocess.run(_train_cli(stopped, npz, *chunked), env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 143, proc.stderr[-2000:]
+    assert "stopped by SIGTERM at step 64" in proc.stderr and "Traceback" not in proc.stderr
+    job = JobDir(stopped / "parent")
+    assert job.latest_resume() == 64  # the chunk 60-64 was running when the signal came: no later step
+    assert job.meta(64, "resume")["epoch_totals"][2] == 14 * 16  # examples seen in epoch 1 so far
+    assert not job.has_checkpoint(200)
+    subprocess.run(_train_cli(stopped, npz, *chunked), check=True, timeout=600)
+    a = _checkpoint_weights(str(clean / "parent"), 200)
+    b = _checkpoint_weights(str(stopped / "parent"), 200)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    history = [{k: v for k, v in h.items() if k != "wall_time"} for h in JobDir(clean / "parent").read_history()]
+    assert history == [{k: v for k, v in h.items() if k != "wall_time"} for h in job.read_history()]

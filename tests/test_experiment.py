@@ -12,14 +12,10 @@ import tensorflow_datasets as tfds
 import xarray as xr
 
 from kerasntk import config as cfg
-from kerasntk import spawn
+from kerasntk import experiment
+from kerasntk.rundir import RunDir
 from test_data import write_tfds_metadata
-from test_training import synthetic_arrays
-
-TINY = ["data.name=npz", "train.length=2ep", "train.batch_size=32", "train.steps_per_execution=4",
-        "checkpoints.log_num=0", "checkpoints.every=1ep", "spawn.times=[0, 0.5, 1]", "spawn.children=2",
-        "ntk.probe_size=20", "landscape.alphas=5", "landscape.train_examples=64", "landscape.bn_examples=64",
-        "linearize.times=[0, 1]", "linearize.length=1ep", "linearize.validation_examples=32"]
+from helpers import tiny
 
 CONTRACT = {  # metric names other tools rely on (issue 3's CLI contract)
     "parent": ["test_error", "test_loss", "train_error", "kernel_velocity", "kernel_distance_from_init",
@@ -28,25 +24,6 @@ CONTRACT = {  # metric names other tools rely on (issue 3's CLI contract)
     "pair": ["error_barrier", "loss_barrier", "train_error_barrier", "disagreement", "js_divergence",
              "weight_distance", "kernel_distance"],
 }
-
-
-@pytest.fixture(scope="module")
-def npz(tmp_path_factory):
-    arrays = synthetic_arrays(n_train=256, n_test=64, shape=(16, 1))
-    path = tmp_path_factory.mktemp("data") / "tiny.npz"
-    np.savez(path, x_train=arrays.x_train, y_train=arrays.y_train, x_test=arrays.x_test, y_test=arrays.y_test)
-    return path
-
-
-def tiny(npz, *extra):
-    return TINY + [f"data.path={npz}", *extra]
-
-
-@pytest.fixture(scope="module")
-def clean_run(tmp_path_factory, npz):
-    """One uninterrupted run of the tiny experiment, shared by the tests that inspect or compare with it."""
-    run_dir = tmp_path_factory.mktemp("clean")
-    return spawn.run(cfg.load(None, tiny(npz)), str(run_dir), verbose=0), run_dir
 
 
 def test_run_writes_the_schema_and_the_metric_contract(clean_run, npz):
@@ -120,30 +97,30 @@ def test_jobs_one_command_each_equal_kerasntk_run(tmp_path, npz, clean_run):
         for child in (1, 0):  # the last child of a spawn time, whichever it is, writes the pair file
             assert cli.main(["-q", "spawn", run, "--time", t, "--child", str(child)]) == 0
     assert cli.main(["-q", "merge", run]) == 0
-    assert cli.main(["-q", "report", run]) == 0 and (tmp_path / "jobs" / "barrier_vs_spawn_time.pdf").exists()
+    assert cli.main(["-q", "report", run]) == 0 and (tmp_path / "jobs" / "figures" / "barrier_vs_spawn_time.pdf").exists()
     a, b = _values(clean_run[1] / "results.nc"), _values(tmp_path / "jobs" / "results.nc")
     for name in a:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
 
 def test_rerun_of_a_finished_run_skips_every_job(tmp_path, npz):
     config = cfg.load(None, tiny(npz, "spawn.times=[0.5]"))
-    spawn.run(config, str(tmp_path), verbose=0)
+    experiment.run(config, str(tmp_path), verbose=0)
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "results").glob("*.nc")}
-    spawn.run(config, str(tmp_path), verbose=0)
+    experiment.run(config, str(tmp_path), verbose=0)
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
 
 
 def test_run_dir_with_another_config_is_refused_but_machine_fields_may_differ(tmp_path, npz):
     config = cfg.load(None, tiny(npz))
-    spawn.prepare_run_dir(config, str(tmp_path))
+    RunDir(tmp_path).prepare(config)
     with pytest.raises(cfg.ConfigError, match="different config"):
-        spawn.prepare_run_dir(cfg.load(None, tiny(npz, "train.lr=0.2")), str(tmp_path))
+        RunDir(tmp_path).prepare(cfg.load(None, tiny(npz, "train.lr=0.2")))
     elsewhere = cfg.load(None, tiny(npz, "data.data_dir=/mnt/other", "distribute.tpu=local"))
     assert elsewhere.digest() == config.digest()  # same run name on every machine
-    spawn.prepare_run_dir(elsewhere, str(tmp_path))
-    assert spawn.load_run_config(str(tmp_path), ["distribute.tpu=local"]).distribute.tpu == "local"
+    RunDir(tmp_path).prepare(elsewhere)
+    assert RunDir(tmp_path).load_config(["distribute.tpu=local"]).distribute.tpu == "local"
     with pytest.raises(cfg.ConfigError, match="only this machine's fields may be set: data.data_dir"):
-        spawn.load_run_config(str(tmp_path), ["train.lr=0.2"])
+        RunDir(tmp_path).load_config(["train.lr=0.2"])
 
 
 def test_paper_config_dry_run_on_mock_cifar10(tmp_path, capsys):
@@ -153,9 +130,9 @@ def test_paper_config_dry_run_on_mock_cifar10(tmp_path, capsys):
     write_tfds_metadata(tmp_path, "cifar10", n_train=256, n_test=64)
     config = cfg.load("configs/cifar10_resnet20.yaml", [f"data.data_dir={tmp_path}", "ntk.probe_size=100"])
     with tfds.testing.mock_data(num_examples=256, policy=tfds.testing.MockPolicy.USE_FILES, data_dir=str(tmp_path)):
-        experiment = spawn.Experiment(config, str(tmp_path / "run"), verbose=0)
-    plan = experiment.plan()
-    assert experiment.arrays.input_shape == (32, 32, 3) and experiment.arrays.augment == "pad_crop_flip"
+        ex = experiment.Experiment(config, str(tmp_path / "run"), verbose=0)
+    plan = ex.plan()
+    assert ex.arrays.input_shape == (32, 32, 3) and ex.arrays.augment == "pad_crop_flip"
     assert "resnet20: 27" in plan["model"]  # ResNet-20 with BatchNorm: ~0.27M parameters
     assert plan["spawn_times"][0] == 0 and plan["child_jobs"] == 3 * len(plan["spawn_times"])
     assert plan["checkpoints"][-1] == 200
@@ -174,13 +151,13 @@ def test_readme_python_api_config_is_valid(tmp_path):
 
     readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
     call = re.search(r"config = (kn\.config\.load\(None, \[.*\]\))", readme).group(1)
-    plan = spawn.Experiment(eval(call, {"kn": kn}), str(tmp_path), verbose=0).plan()
+    plan = experiment.Experiment(eval(call, {"kn": kn}), str(tmp_path), verbose=0).plan()
     assert plan["checkpoints"][-1] == 10 and plan["child_jobs"] == 15
 
 
 def test_spawn_cli_rejects_a_time_off_the_grid(tmp_path, npz):
     config = cfg.load(None, tiny(npz))
-    spawn.prepare_run_dir(config, str(tmp_path))
+    RunDir(tmp_path).prepare(config)
     result = subprocess.run([sys.executable, "-m", "kerasntk.cli", "spawn", str(tmp_path), "--time", "0.3",
                              "--child", "0"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "not a spawn time" in result.stderr and "Traceback" not in result.stderr

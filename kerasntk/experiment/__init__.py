@@ -1,0 +1,32 @@
+"""The parent-child spawning experiment as a job graph over one run directory, run locally or on Ray."""
+
+import os
+
+from kerasntk.experiment.executors import JobFailed, run_ray
+from kerasntk.experiment.experiment import Experiment, child_seeds
+from kerasntk.experiment.grid import Grid
+from kerasntk.experiment.jobs import Job, job_graph
+
+__all__ = ["Experiment", "Grid", "Job", "JobFailed", "child_seeds", "job_graph", "run", "run_ray"]
+
+
+def run(config, run_dir=None, strategy=None, verbose=1, executor="local", address=None):
+    """Run the whole spawning experiment of `config` in `run_dir` (default runs/<name>; local or gs://)
+    and return the merged xarray.Dataset. executor: "local" runs the jobs one after another in this process
+    on `strategy` (default: the one `config.distribute` asks for); "ray" runs them as Ray tasks on the
+    cluster at `address` (None: a local one), as their dependencies finish."""
+    from kerasntk import distribute, results
+    from kerasntk.experiment import executors
+    from kerasntk.rundir import RunDir
+
+    run_dir = run_dir or os.path.join("runs", config.run_name())
+    RunDir(run_dir).prepare(config)
+    if executor == "ray":
+        executors.run_ray(config, run_dir, address=address, verbose=verbose)
+    elif executor == "local":
+        d = config.distribute
+        strategy = strategy or distribute.get_strategy(d.tpu, d.logical_cpus)
+        executors.run_local(Experiment(config, run_dir, strategy=strategy, verbose=verbose))
+    else:
+        raise ValueError(f"executor {executor!r} is not allowed; allowed: local, ray")
+    return results.load(RunDir(run_dir).merged)

@@ -1,0 +1,163 @@
+"""Executors: who runs the job graph's jobs, and where.
+
+`run_local` runs them one after another in this process. `run_ray` submits each job as a Ray task as soon
+as its dependencies are done, with the resources `config.distribute.job_resources` asks for; a task whose
+worker dies (a preempted host, a killed process) is retried and resumes from its job's own checkpoints,
+while a job that raises (bad data, a diverged loss) stops the graph: what finished stays, and a re-run
+continues. Merge and report run on the driver.
+"""
+
+import json
+import os
+
+from kerasntk.experiment import jobs as graph
+from kerasntk.experiment.progress import Progress
+
+
+class JobFailed(RuntimeError):
+    """A job of the graph raised; the message names the job and the cause in one line."""
+
+    def __init__(self, job_id, cause):
+        self.job_id, self.cause = job_id, cause
+        super().__init__(f"job {job_id} failed: {type(cause).__name__}: {cause}")
+
+
+def run_local(experiment):
+    """Run every job of `experiment` that is not done, in graph order, in this process."""
+    from kerasntk.training import Preempted
+
+    progress = Progress(experiment.jobs, verbose=experiment.verbose)
+    for job in experiment.jobs:
+        if graph.is_done(job, experiment.run, experiment.grid):
+            progress.skipped(job)
+            continue
+        progress.started(job)
+        try:
+            experiment.run_job(job)
+        except Preempted:
+            raise
+        except Exception as err:
+            progress.failed_job(job)
+            raise JobFailed(job.id, err) from err
+        progress.finished(job)
+
+
+def run_ray(config, run_dir, address=None, verbose=1):
+    """Run the job graph of `config` in `run_dir` on a Ray cluster: `address` (or RAY_ADDRESS, or a cluster
+    started on this node with `ray start`); with none of those, a local cluster of this machine's CPUs."""
+    import ray
+
+    from kerasntk import fs
+    from kerasntk.experiment.experiment import Experiment
+
+    run_dir = fs.absolute(run_dir)  # workers run in the cluster's working directory, not ours
+    driver = Experiment(config, run_dir, verbose=0)  # plans, merges and draws: no accelerator needed
+    own_cluster = not ray.is_initialized()
+    if own_cluster:
+        ray.init(address=address, include_dashboard=False, log_to_driver=verbose > 1, logging_level="error")
+        if verbose < 2:  # Ray prints worker deaths and retries to stdout whatever log_to_driver says
+            ray._private.worker._worker_logs_enabled = False
+    try:
+        options = _task_options(config.distribute, ray.cluster_resources())
+        slots = _slots(config.distribute.job_resources, ray.cluster_resources())
+        # max_calls=1: the worker ends after its job, releasing its accelerator and TensorFlow's state
+        remote = ray.remote(max_calls=1)(_run_job_in_worker).options(**options)
+        _drive(driver, remote, config.to_dict(), verbose, slots)
+    finally:
+        if own_cluster:
+            ray.shutdown()
+
+
+def _drive(driver, remote, config_dict, verbose, slots):
+    """Submit every job whose dependencies are done; wait; repeat. Stop at the first failure."""
+    import ray
+
+    progress = Progress(driver.jobs, slots=slots, verbose=verbose)
+    done, pending = set(), {}
+    for job in driver.jobs:
+        if graph.is_done(job, driver.run, driver.grid):
+            done.add(job.id)
+            progress.skipped(job)
+    waiting = [job for job in driver.jobs if job.id not in done]
+    while waiting or pending:
+        for job in [j for j in waiting if set(j.deps) <= done]:
+            waiting.remove(job)
+            progress.started(job)
+            if job.trains:
+                pending[remote.remote(driver.run.root, job.id, config_dict)] = job
+            else:  # merge and report: on the driver, once everything before them is done
+                _on_driver(driver, job, progress)
+                done.add(job.id)
+        if not pending:
+            continue
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        job = pending.pop(ready[0])
+        try:
+            ray.get(ready[0])
+        except ray.exceptions.RayError as err:  # an application error, or retries exhausted
+            progress.failed_job(job)
+            for ref in pending:
+                ray.cancel(ref, force=True)
+            raise JobFailed(job.id, _cause(err)) from None
+        done.add(job.id)
+        progress.finished(job)
+
+
+def _on_driver(driver, job, progress):
+    try:
+        driver.run_job(job)
+    except Exception as err:
+        progress.failed_job(job)
+        raise JobFailed(job.id, err) from err
+    progress.finished(job)
+
+
+def _run_job_in_worker(run_dir, job_id, config_dict):
+    """A Ray task: one job of the graph, on the strategy its config asks for. A preempted job (SIGTERM: its
+    resume checkpoint is saved) ends the worker process, which Ray counts as a worker death and retries."""
+    from kerasntk import config as cfg
+    from kerasntk import distribute
+    from kerasntk.experiment.experiment import Experiment
+    from kerasntk.training import Preempted
+
+    config = cfg.from_dict(config_dict)
+    d = config.distribute
+    try:
+        Experiment(config, run_dir, strategy=distribute.get_strategy(d.tpu, d.logical_cpus), verbose=0).run_job(job_id)
+    except Preempted:
+        os._exit(143)
+    return job_id
+
+
+def _task_options(d, available):
+    """Ray options of a training job: its resources (checked against the cluster's, since Ray would leave an
+    impossible task pending silently), retries on worker death only, TensorFlow's thread pools."""
+    from kerasntk import config as cfg
+
+    missing = {k: v for k, v in d.job_resources.items() if available.get(k, 0) < v}
+    if missing:
+        raise cfg.ConfigError(f"distribute.job_resources asks for {json.dumps(missing)} per job but the Ray cluster "
+                              f"has {json.dumps({k: available.get(k, 0) for k in missing})}; allowed: amounts the "
+                              f"cluster offers ({json.dumps(dict(sorted(available.items())))})")
+    resources = dict(d.job_resources)
+    # the driver's kerasntk settings (cache directory, debug, fault injection in tests) apply to its jobs
+    env = {"TF_CPP_MIN_LOG_LEVEL": "2", "KERAS_BACKEND": "tensorflow",
+           **{k: v for k, v in os.environ.items() if k.startswith("KERASNTK_")}}
+    if d.intra_op_threads:  # read by TensorFlow when it starts (the worker is a fresh process)
+        env.update(TF_NUM_INTRAOP_THREADS=str(d.intra_op_threads), TF_NUM_INTEROP_THREADS=str(d.intra_op_threads),
+                   OMP_NUM_THREADS=str(d.intra_op_threads))
+    return dict(num_cpus=resources.pop("CPU", 0), num_gpus=resources.pop("GPU", 0), resources=resources,
+                max_retries=d.max_retries, retry_exceptions=False, runtime_env={"env_vars": env})
+
+
+def _slots(job_resources, available):
+    """How many jobs the cluster runs at once."""
+    counts = [int(available.get(k, 0) // v) for k, v in job_resources.items() if v > 0]
+    return max(1, min(counts)) if counts else 1
+
+
+def _cause(err):
+    """The application exception inside a RayTaskError (the error itself when there is none, e.g. a worker
+    that died more often than max_retries)."""
+    cause = getattr(err, "cause", None)
+    return cause if isinstance(cause, BaseException) else err

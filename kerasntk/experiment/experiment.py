@@ -1,0 +1,260 @@
+"""The spawning experiment's jobs (docs/methods.md §1-5): what each job of the job graph computes.
+
+`Experiment` loads the data, the grid and the probe set once and runs one job by id (`run_job`); which jobs
+run where and when is the executors' business (`experiment.executors`). Measurements use a scratch model of
+their own; each training job builds its own model and optimizer.
+"""
+
+import numpy as np
+import tensorflow as tf
+
+from kerasntk import config as cfg
+from kerasntk import data, fs, kernel_learning, landscape, models, ntk, plots, results, training
+from kerasntk.experiment import jobs as graph
+from kerasntk.experiment.grid import Grid
+from kerasntk.rundir import RunDir
+
+
+def child_seeds(config, step, child):
+    """Independent data-order and augmentation seeds of child `child` spawned at `step` (a pure function)."""
+    t = config.train
+    data_seed, augment_seed = np.random.SeedSequence([t.data_seed, t.augment_seed, step, child + 1]).generate_state(2)
+    return int(data_seed), int(augment_seed)
+
+
+class Experiment:
+    """The jobs of one run directory, sharing the loaded data, grid, strategy and probe set."""
+
+    def __init__(self, config, run_dir, strategy=None, verbose=1):
+        self.config, self.run, self.verbose = config, RunDir(run_dir), verbose
+        self.strategy = strategy or tf.distribute.get_strategy()
+        if config.train.deterministic:
+            tf.config.experimental.enable_op_determinism()
+        self.arrays = training.load_data(config)
+        steps_per_epoch = data.steps_per_epoch(self.arrays, config.train.batch_size)
+        cfg.validate_against(config, steps_per_epoch, self.strategy.num_replicas_in_sync)
+        self.grid = Grid.from_config(config, steps_per_epoch)
+        self.jobs = graph.job_graph(config, self.grid)
+        n, la = config.ntk, config.landscape
+        self.x_probe, self.y_probe = data.probe_subset(self.arrays.x_train, self.arrays.y_train, n.probe_size, n.probe_seed)
+        rng = np.random.default_rng(config.train.data_seed)
+        self.train_subset = rng.permutation(len(self.arrays.x_train))[:la.train_examples]
+        self.bn_subset = rng.permutation(len(self.arrays.x_train))[:la.bn_examples]
+        self._model = self._ntk_fn = None
+
+    @property
+    def model(self):
+        """The scratch model measurements load weights into (built on first use)."""
+        if self._model is None:
+            with self.strategy.scope():
+                a = self.arrays
+                self._model = models.get(self.config.model.name, a.input_shape, a.num_classes,
+                                         **self.config.model.options)
+        return self._model
+
+    def plan(self):
+        """What the run will do, without training: data, model, grids and job counts (for --dry-run)."""
+        a, c, g = self.arrays, self.config, self.grid
+        counts = {}
+        for job in self.jobs:
+            counts[job.kind] = counts.get(job.kind, 0) + 1
+        return dict(
+            dataset=f"{a.name}: {len(a.x_train)} train / {len(a.x_test)} test, input {a.input_shape}, {a.num_classes} classes",
+            model=f"{c.model.name}: {self.model.count_params()} parameters",
+            strategy=f"{type(self.strategy).__name__} with {self.strategy.num_replicas_in_sync} replica(s)",
+            steps=f"{g.total} steps ({g.steps_per_epoch} per epoch)",
+            checkpoints=[round(g.epochs(s), 4) for s in g.checkpoints],
+            spawn_times=[round(g.epochs(s), 4) for s in g.spawn],
+            child_jobs=len(g.spawn) * c.spawn.children,
+            linearized_jobs=[round(g.epochs(s), 4) for s in g.linearize],
+            probe=f"{len(self.x_probe)} examples",
+            jobs=", ".join(f"{n} {k}" for k, n in counts.items()),
+        )
+
+    def run_job(self, job):
+        """Run `job` (a `Job` or its id) unless it is done; returns True when it ran."""
+        job = graph.by_id(self.jobs, job) if isinstance(job, str) else job
+        if graph.is_done(job, self.run, self.grid):
+            return False
+        body = dict(parent=self.train_parent, measure_parent=self.measure_parent, linearized=self.run_linearized,
+                    child=self.run_child, pairs=self.measure_pairs, merge=self.merge, report=self.report)[job.kind]
+        args = [a for a in (job.step, job.child) if a is not None]
+        body(*args)
+        return True
+
+    # parent -----------------------------------------------------------------------------------------------
+
+    def trainer(self, job_dir, data_seed, augment_seed, name):
+        """A Trainer of this run's model and optimizer on `job_dir` (a JobDir) with the given seeds."""
+        model, optimizer = training.build_model_and_optimizer(self.config, self.arrays, self.grid, self.strategy)
+        return training.Trainer(model, optimizer, self.arrays, job_dir, train=self.config.train,
+                                total_steps=self.grid.total, steps_per_epoch=self.grid.steps_per_epoch,
+                                data_seed=data_seed, augment_seed=augment_seed, augment=self.config.data.augment,
+                                strategy=self.strategy, name=name)
+
+    def train_parent(self):
+        """Train (or resume) the parent, saving every grid checkpoint."""
+        t = self.config.train
+        parent = self.trainer(self.run.parent, t.data_seed, t.augment_seed, "parent")
+        parent.restore()
+        self._say(f"parent: training to {self.grid.total} steps, {len(self.grid.checkpoints)} checkpoints")
+        parent.train(save_steps=self.grid.checkpoints, verbose=self.verbose)
+        parent.save_grid_checkpoint()
+
+    def weights_at(self, job_dir, step):
+        """Model weights (model.weights order) of the grid checkpoint of `job_dir` (a JobDir) at `step`."""
+        job_dir.read_checkpoint(tf.train.Checkpoint(model=self.model), step, partial=True)
+        return self.model.get_weights()
+
+    def kernel(self, weights, cache_path=None):
+        """The probe-set trace NTK (N, N) of `weights`, cached as .npy when `cache_path` is given."""
+        if cache_path and fs.exists(cache_path):
+            return fs.load_npy(cache_path)
+        self.model.set_weights(weights)
+        if self._ntk_fn is None:  # one function for every checkpoint: traced once, blocks spread over replicas
+            n = self.config.ntk
+            self._ntk_fn = ntk.empirical_ntk_fn(self.model, trace_axes=(-1,), implementation=n.implementation,
+                                                batch_size=n.batch_size, strategy=self.strategy)
+        kernel = np.asarray(self._ntk_fn(self.x_probe), np.float64)
+        if cache_path:
+            fs.save_npy(cache_path, kernel)
+        return kernel
+
+    def measure_parent(self):
+        """parent(time, metric) and kernel_distance(time, time_b) over the grid: errors, kernels, distances."""
+        x_train, y_train = self.arrays.x_train[self.train_subset], self.arrays.y_train[self.train_subset]
+        job, g = self.run.parent, self.grid
+        w0 = self.weights_at(job, 0)
+        mask = landscape.trainable_mask(self.model)
+        rows, kernels, lrs = [], [], []
+        for i, step in enumerate(g.checkpoints):
+            self._say(f"parent measurements: checkpoint {i + 1}/{len(g.checkpoints)} (step {step})")
+            w = self.weights_at(job, step)
+            test = landscape.evaluate(self.model, w, self.arrays.x_test, self.arrays.y_test)
+            train = landscape.evaluate(self.model, w, x_train, y_train)
+            dist = landscape.weight_distances(w0, w, mask)
+            rows.append(dict(test_error=test["error"], test_loss=test["loss"], train_error=train["error"],
+                             train_loss=train["loss"], weight_distance_from_init=dist["weight_distance"]))
+            lrs.append(job.meta(step)["learning_rate"])
+            if self.config.ntk.enabled:
+                kernels.append(self.kernel(w, job.kernel_path(step)))
+        times = g.epochs(np.array(g.checkpoints))
+        metrics = {k: np.array([r[k] for r in rows]) for k in rows[0]}
+        travel = metrics["weight_distance_from_init"]
+        metrics["relative_weight_distance_from_init"] = travel / travel[-1] if travel[-1] > 0 else travel * np.nan
+        metrics["learning_rate"] = np.array(lrs)
+        kernel_distance = None
+        if kernels:
+            dt = None if g.velocity_dt is None else g.epochs(g.velocity_dt)
+            kernel_metrics, kernel_distance = ntk.trajectory_metrics(kernels, times, self.y_probe,
+                                                                     learning_rates=lrs, dt=dt)
+            metrics.update(kernel_metrics)
+            metrics["kernel_top_eigenvalue"] = np.array([ntk.eigenvalues(k, 1)[0] for k in kernels])
+        results.write_atomic(results.parent_dataset(g.checkpoints, times, metrics, kernel_distance=kernel_distance,
+                                                    attrs=self._attrs()), self.run.result("parent"))
+
+    # kernel learning --------------------------------------------------------------------------------------
+
+    def run_linearized(self, step):
+        """Train the parent's linearization at `step` on the training set; one row of parent(time, metric)."""
+        self._require_parent_checkpoint(step)
+        self._say(f"linearized network from the parent at epoch {self.grid.epochs(step):g}")
+        weights = self.weights_at(self.run.parent, step)
+        metrics = kernel_learning.fit_linearized(self.model, weights, self.arrays, self.config,
+                                                 self.run.linearized(step), self.strategy, verbose=self.verbose)
+        results.write_atomic(results.parent_dataset([step], [self.grid.epochs(step)],
+                                                    {k: np.array([v]) for k, v in metrics.items()},
+                                                    attrs=self._attrs()), self.run.result("linearized", step))
+
+    def _require_parent_checkpoint(self, step):
+        if not self.run.parent.has_checkpoint(step):
+            raise cfg.ConfigError(f"no parent checkpoint at step {step} in {self.run.root!r}; the checkpoint steps "
+                                  f"are {list(self.grid.checkpoints)} (train the parent first: kerasntk train)")
+
+    # children ---------------------------------------------------------------------------------------------
+
+    def run_child(self, step, child):
+        """Train child `child` spawned at parent `step` to the end and write its outcomes."""
+        self._require_parent_checkpoint(step)
+        job = self.run.child(step, child)
+        data_seed, augment_seed = child_seeds(self.config, step, child)
+        trainer = self.trainer(job, data_seed, augment_seed, graph.job_id("child", step, child))
+        trainer.restore(start_from=(self.run.parent, step), reset_momentum=self.config.spawn.reset_momentum)
+        self._say(f"child {child} spawned at epoch {self.grid.epochs(step):g}: training to the end")
+        trainer.train(save_steps=[trainer.total_steps], verbose=self.verbose)
+        trainer.save_grid_checkpoint()
+        w = trainer.model.get_weights()
+        final = self.grid.total
+        parent_final = self.weights_at(self.run.parent, final)
+        scalars, _ = self._compare(w, parent_final)
+        test = landscape.evaluate(self.model, w, self.arrays.x_test, self.arrays.y_test)
+        metrics = dict(test_error=test["error"], test_loss=test["loss"])
+        metrics.update({f"{k}_to_parent": v for k, v in scalars.items()})
+        if self.config.ntk.enabled:
+            parent_kernel = self.kernel(parent_final, self.run.parent.kernel_path(final))
+            metrics["kernel_distance_to_parent"] = ntk.kernel_distance(self.kernel(w, job.kernel_path(final)),
+                                                                       parent_kernel)
+        results.write_atomic(results.child_dataset(step, self.grid.epochs(step), child, metrics, attrs=self._attrs()),
+                             self.run.result("child", step, child))
+
+    def measure_pairs(self, step):
+        """pair(time, pair, metric) and path(time, pair, alpha, metric) between the children of one spawn."""
+        children, final = self.config.spawn.children, self.grid.total
+        missing = [c for c in range(children) if not fs.exists(self.run.result("child", step, c))]
+        if missing:
+            raise cfg.ConfigError(f"pairs of spawn step {step}: children {missing} have not finished; run them first "
+                                  f"(kerasntk spawn {self.run.root} --time {step}it --child C)")
+        weights = [self.weights_at(self.run.child(step, c), final) for c in range(children)]
+        pairs = [(a, b) for a in range(children) for b in range(a + 1, children)]
+        rows, curves = [], []
+        for a, b in pairs:
+            self._say(f"spawn epoch {self.grid.epochs(step):g}: comparing children {a} and {b}")
+            scalars, curve = self._compare(weights[a], weights[b])
+            if self.config.ntk.enabled:
+                ka, kb = (fs.load_npy(self.run.child(step, c).kernel_path(final)) for c in (a, b))
+                scalars["kernel_distance"] = ntk.kernel_distance(ka, kb)
+            rows.append(scalars)
+            curves.append(curve)
+        metrics = {k: np.array([r[k] for r in rows]) for k in rows[0]}
+        curve_arrays = {k: np.stack([c[k] for c in curves]) for k in curves[0]}
+        results.write_atomic(results.pair_dataset(step, self.grid.epochs(step), pairs, metrics, self._alphas(),
+                                                  curve_arrays, attrs=self._attrs()), self.run.result("pair", step))
+
+    def _compare(self, w_a, w_b):
+        la = self.config.landscape
+        return landscape.compare(
+            self.model, w_a, w_b, x_test=self.arrays.x_test, y_test=self.arrays.y_test,
+            x_train=self.arrays.x_train[self.train_subset], y_train=self.arrays.y_train[self.train_subset],
+            alphas=self._alphas(), bn=la.bn, bn_x=self.arrays.x_train[self.bn_subset],
+            reference_norm=self._parent_travel(), batch_size=la.batch_size)
+
+    def _parent_travel(self):
+        """‖w_T − w_0‖ of the parent (trainable weights): the scale of relative weight distances."""
+        job = self.run.parent
+        mask = landscape.trainable_mask(self.model)
+        w0, w_final = self.weights_at(job, 0), self.weights_at(job, self.grid.total)
+        return landscape.weight_distances(w0, w_final, mask)["weight_distance"]
+
+    def _alphas(self):
+        return np.linspace(0.0, 1.0, self.config.landscape.alphas)
+
+    # merged results -----------------------------------------------------------------------------------------
+
+    def merge(self):
+        """RUN/results.nc from every job file; returns the merged Dataset."""
+        merged = results.merge(self.run.root)
+        results.write_atomic(merged, self.run.merged)
+        return merged
+
+    def report(self):
+        """The figures of the merged results, in RUN/figures."""
+        return plots.report(results.load(self.run.merged), self.run.figures)
+
+    def _attrs(self):
+        t = self.config.train
+        return results.global_attrs(self.config.to_dict(), dict(seed=t.seed, data_seed=t.data_seed,
+                                                               augment_seed=t.augment_seed))
+
+    def _say(self, message):
+        if self.verbose:
+            print(f"[kerasntk] {message}", flush=True)

@@ -1,0 +1,209 @@
+"""The run directory: the only code that knows its layout and the checkpoint format.
+
+    RUN/config.json                                   the config (a different config in the same place is refused)
+    RUN/parent/                                       the parent's training job            (a JobDir)
+    RUN/children/sXXXXXXXX_cC/                        child C spawned at parent step X     (a JobDir)
+    RUN/linearized/sXXXXXXXX/                         the parent's linearization at step X (a JobDir)
+    RUN/results/{parent,linearized_s*,child_s*_c*,pair_s*}.nc   one NetCDF file per measurement job
+    RUN/results.nc, RUN/figures/*.png|pdf             merged results and figures
+
+    JOB/checkpoints/step_XXXXXXXX/{ckpt.*,meta.json}  permanent checkpoints (model, optimizer, step) on the grid
+    JOB/resume/step_XXXXXXXX/{ckpt.*,meta.json}       the latest in-run checkpoint (older ones are removed)
+    JOB/history.json                                  per-epoch losses and errors
+    JOB/kernels/step_XXXXXXXX.npy                     the probe-set NTK at a checkpoint (a cache)
+
+A checkpoint directory is complete once its `meta.json` exists: it is written with `fs.atomic_dir`, whose
+marker is that file. `RUN` may be a local path or a `gs://` URL.
+"""
+
+import contextlib
+import os
+
+from kerasntk import config as cfg
+from kerasntk import fs
+
+META = "meta.json"
+_PREFIX = "ckpt"
+
+
+class JobDir:
+    """One training job's directory: its checkpoints, resume state, history and kernels."""
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+
+    def __repr__(self):
+        return f"JobDir({self.path!r})"
+
+    def checkpoint_steps(self, kind="checkpoints"):
+        """Steps of the complete checkpoints of `kind` ("checkpoints": the grid, or "resume"), sorted."""
+        root = fs.join(self.path, kind)
+        steps = []
+        for name in fs.listdir(root):
+            if name.startswith("step_") and name[5:].isdigit() and fs.exists(fs.join(root, name, META)):
+                steps.append(int(name[5:]))
+        return sorted(steps)
+
+    def has_checkpoint(self, step):
+        return fs.exists(fs.join(self._checkpoint(step), META))
+
+    def save_checkpoint(self, checkpoint, step, meta, kind="checkpoints"):
+        """Write `checkpoint` (a tf.train.Checkpoint) and `meta` as the checkpoint of `step`; an existing
+        complete one is kept (its contents are a function of the step). Resume checkpoints replace older ones."""
+        target = self._checkpoint(step, kind)
+        if not fs.exists(fs.join(target, META)):
+            with fs.atomic_dir(target, META) as tmp:
+                checkpoint.write(os.path.join(tmp, _PREFIX))
+                fs.write_json(os.path.join(tmp, META), dict(meta, step=int(step)))
+        if kind == "resume":
+            for old in self.checkpoint_steps("resume"):
+                if old < step:
+                    fs.remove(self._checkpoint(old, "resume"))
+        return target
+
+    def read_checkpoint(self, checkpoint, step, kind="checkpoints", partial=False):
+        """Restore `checkpoint` from the checkpoint of `step`; `partial` allows objects the file lacks or
+        `checkpoint` does not track (e.g. reading only the model of a model+optimizer checkpoint)."""
+        read_checkpoint_dir(checkpoint, self._checkpoint(step, kind), partial)
+        return self.meta(step, kind)
+
+    def meta(self, step, kind="checkpoints"):
+        return fs.read_json(fs.join(self._checkpoint(step, kind), META))
+
+    def latest_resume(self):
+        """Step of the latest complete resume checkpoint, or None."""
+        steps = self.checkpoint_steps("resume")
+        return steps[-1] if steps else None
+
+    def checkpoint_path(self, step):
+        """The directory of grid checkpoint `step` (for `read_checkpoint_dir`, `tf.train.load_checkpoint`)."""
+        return self._checkpoint(step)
+
+    def read_history(self):
+        path = fs.join(self.path, "history.json")
+        return fs.read_json(path) if fs.exists(path) else []
+
+    def write_history(self, history):
+        fs.write_json(fs.join(self.path, "history.json"), history)
+
+    def kernel_path(self, step):
+        return fs.join(self.path, "kernels", f"step_{int(step):08d}.npy")
+
+    def _checkpoint(self, step, kind="checkpoints"):
+        return fs.join(self.path, kind, f"step_{int(step):08d}")
+
+
+class RunDir:
+    """Every path of a run directory; job directories as `JobDir`s."""
+
+    def __init__(self, root):
+        self.root = os.fspath(root)
+
+    def __repr__(self):
+        return f"RunDir({self.root!r})"
+
+    # -- config ------------------------------------------------------------------------------------------
+
+    @property
+    def config_path(self):
+        return fs.join(self.root, "config.json")
+
+    def prepare(self, config):
+        """Create the run directory holding `config.json`; refuse one made with a different config (machine
+        fields, `cfg.MACHINE_FIELDS`, may differ)."""
+        if fs.exists(self.config_path):
+            stored = cfg.from_dict(fs.read_json(self.config_path))
+            if stored.identity() != config.identity():
+                raise cfg.ConfigError(
+                    f"run directory {self.root!r} was made with a different config; pass another --out, "
+                    f"or re-run with the stored one: kerasntk run {self.config_path}")
+        else:
+            fs.makedirs(self.root)
+            fs.write_json(self.config_path, config.to_dict())
+        return self
+
+    def write_config(self, config):
+        """Store `config`, replacing the stored one (for writers that refine it, such as SpawnCheckpoint)."""
+        fs.write_json(self.config_path, config.to_dict())
+
+    def load_config(self, overrides=()):
+        """The stored config, validated; `overrides` may set this machine's fields only."""
+        if not fs.exists(self.config_path):
+            raise cfg.ConfigError(f"{self.root!r} is not a kerasntk run directory (no config.json); "
+                                  "make one with `kerasntk train` or `kerasntk run`")
+        for item in overrides:
+            if item.partition("=")[0].strip() not in cfg.MACHINE_FIELDS:
+                raise cfg.ConfigError(f"--set {item!r}: a run directory's config is fixed; only this machine's "
+                                      f"fields may be set: {', '.join(cfg.MACHINE_FIELDS)}")
+        with fs.local_path(self.config_path) as local:
+            return cfg.load(local, overrides)
+
+    # -- jobs --------------------------------------------------------------------------------------------
+
+    @property
+    def parent(self):
+        return JobDir(fs.join(self.root, "parent"))
+
+    def child(self, step, child):
+        return JobDir(fs.join(self.root, "children", f"s{int(step):08d}_c{int(child)}"))
+
+    def linearized(self, step):
+        return JobDir(fs.join(self.root, "linearized", f"s{int(step):08d}"))
+
+    # -- results -----------------------------------------------------------------------------------------
+
+    def result(self, kind, step=None, child=None):
+        """Path of a measurement job's file: results/parent.nc, linearized_s{step}.nc, child_s{step}_c{child}.nc,
+        pair_s{step}.nc."""
+        names = dict(parent=lambda: "parent.nc", linearized=lambda: f"linearized_s{int(step):08d}.nc",
+                     child=lambda: f"child_s{int(step):08d}_c{int(child)}.nc", pair=lambda: f"pair_s{int(step):08d}.nc")
+        if kind not in names:
+            raise ValueError(f"job kind must be one of {sorted(names)}; got {kind!r}")
+        return fs.join(self.root, "results", names[kind]())
+
+    def result_paths(self):
+        """Every measurement job's file, parent.nc first (its attributes become the run's)."""
+        folder = fs.join(self.root, "results")
+        names = [n for n in fs.listdir(folder) if n.endswith(".nc") and not n.startswith(".")]
+        return [fs.join(folder, n) for n in sorted(names, key=lambda n: (n != "parent.nc", n))]
+
+    # -- a SpawnCheckpoint run: the user's model and data -------------------------------------------------
+
+    @property
+    def model_file(self):
+        return fs.join(self.root, "model.keras")
+
+    @property
+    def data_file(self):
+        return fs.join(self.root, "data.npz")
+
+    @property
+    def merged(self):
+        return fs.join(self.root, "results.nc")
+
+    @property
+    def figures(self):
+        return fs.join(self.root, "figures")
+
+
+def is_checkpoint_dir(path):
+    """Whether `path` is a complete kerasntk checkpoint directory."""
+    return fs.exists(fs.join(path, META))
+
+
+def read_checkpoint_dir(checkpoint, path, partial=False):
+    """Restore `checkpoint` (a tf.train.Checkpoint) from checkpoint directory `path` (local or gs://);
+    `partial` allows objects the file lacks or `checkpoint` does not track."""
+    with fs.local_dir(path) as local:
+        status = checkpoint.read(os.path.join(local, _PREFIX))
+        if partial:
+            status.expect_partial()
+        else:
+            status.assert_existing_objects_matched()
+
+
+def is_run_dir(path):
+    with contextlib.suppress(OSError, ValueError):
+        return fs.exists(RunDir(path).config_path)
+    return False
+

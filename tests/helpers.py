@@ -1,0 +1,33 @@
+"""Helpers shared by the test modules: synthetic data and the tiny experiment's config."""
+
+import numpy as np
+
+from kerasntk import data
+
+TINY = ["data.name=npz", "train.length=2ep", "train.batch_size=32", "train.steps_per_execution=4",
+        "checkpoints.log_num=0", "checkpoints.every=1ep", "spawn.times=[0, 0.5, 1]", "spawn.children=2",
+        "ntk.probe_size=20", "landscape.alphas=5", "landscape.train_examples=64", "landscape.bn_examples=64",
+        "linearize.times=[0, 1]", "linearize.length=1ep", "linearize.validation_examples=32"]
+
+
+def synthetic_arrays(n_train=256, n_test=100, shape=(40, 1), classes=10, seed=0):
+    """A small learnable problem: class-dependent means plus noise."""
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(classes,) + shape).astype(np.float32)
+
+    def split(n):
+        y = rng.integers(0, classes, n).astype(np.int32)
+        return centers[y] + 0.5 * rng.normal(size=(n,) + shape).astype(np.float32), y
+
+    (x_train, y_train), (x_test, y_test) = split(n_train), split(n_test)
+    return data.Arrays(x_train, y_train, x_test, y_test, name="synthetic", num_classes=classes, augment=None)
+
+
+def write_npz(path, arrays):
+    np.savez(path, x_train=arrays.x_train, y_train=arrays.y_train, x_test=arrays.x_test, y_test=arrays.y_test)
+    return path
+
+
+def tiny(npz, *extra):
+    """The tiny experiment's overrides on the .npz at `npz` (256 train / 64 test examples of shape (16, 1))."""
+    return TINY + [f"data.path={npz}", *extra]

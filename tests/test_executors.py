@@ -1,0 +1,122 @@
+"""The job graph and its executors: the graph's shape, the progress line, the Ray executor on a real local
+cluster (equal results, a killed worker retried), runs on a gs:// run directory (a local GCS emulator)."""
+
+import pathlib
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from kerasntk import config as cfg
+from kerasntk import experiment
+from kerasntk.experiment import Grid, JobFailed, job_graph
+from kerasntk.experiment.progress import Progress
+from helpers import tiny
+
+
+def test_job_graph_is_a_pure_function_of_config_and_grid(npz):
+    config = cfg.load(None, tiny(npz))
+    grid = Grid.from_config(config, steps_per_epoch=8)
+    jobs = job_graph(config, grid)
+    ids = [j.id for j in jobs]
+    assert ids == ["parent", "measure_parent", "linearized/s00000000", "linearized/s00000008",
+                   "child/s00000000_c0", "child/s00000000_c1", "pairs/s00000000",
+                   "child/s00000004_c0", "child/s00000004_c1", "pairs/s00000004",
+                   "child/s00000008_c0", "child/s00000008_c1", "pairs/s00000008", "merge", "report"]
+    deps = {j.id: j.deps for j in jobs}
+    assert deps["pairs/s00000004"] == ("child/s00000004_c0", "child/s00000004_c1")
+    assert all(deps[i] == ("parent",) for i in ids if i.startswith(("child", "linearized", "measure")))
+    assert set(deps["merge"]) == set(ids) - {"parent", "merge", "report"} and deps["report"] == ("merge",)
+    for position, job in enumerate(jobs):  # topological: every dependency comes earlier
+        assert set(job.deps) <= set(ids[:position])
+    assert job_graph(config, grid) == jobs
+    single = job_graph(cfg.load(None, tiny(npz, "spawn.children=1")), grid)
+    assert not [j for j in single if j.kind == "pairs"]
+
+
+def test_progress_line_counts_jobs_and_estimates_from_finished_ones(npz, capsys, monkeypatch):
+    config = cfg.load(None, tiny(npz))
+    jobs = job_graph(config, Grid.from_config(config, steps_per_epoch=8))
+    now = [0.0]
+    monkeypatch.setattr("kerasntk.experiment.progress.time.monotonic", lambda: now[0])
+    progress = Progress(jobs, slots=2)
+    progress.skipped(jobs[0])
+    progress.started(jobs[1])
+    assert progress.eta() is None  # nothing timed yet
+    now[0] = 10.0
+    progress.finished(jobs[1])  # measure_parent took 10 s
+    now[0] = 12.0
+    progress.started(jobs[2])
+    now[0] = 30.0
+    assert "2/15 done, 1 running, 12 queued, 0 failed | 30s elapsed" in progress.line()
+    # 12 queued jobs of kinds not yet timed count 10 s each (the mean of all finished jobs), the running one
+    # is past its expected 10 s (counts 0): 120 s of work on 2 slots
+    assert progress.eta() == pytest.approx(60.0)
+    out = capsys.readouterr().out
+    assert "started measure_parent" in out and "done measure_parent (10s)" in out and "\r" not in out
+
+
+# -- the Ray executor on a real local cluster ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A local Ray cluster of 2 CPUs (Ray has no local mode): the executor's jobs run in its worker processes."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="error")
+    yield ray
+    ray.shutdown()
+
+
+def _arrays(path):
+    ds = xr.load_dataset(path)
+    return {name: ds[name].values for name in ("parent", "child", "pair", "path", "kernel_distance")}
+
+
+def _no_temporary_files(root):
+    return [str(p) for p in pathlib.Path(root).rglob("*") if ".tmp" in p.name]
+
+
+def test_ray_executor_equals_the_local_executor(tmp_path, npz, clean_run, ray_cluster):
+    """Every job in its own Ray worker process, two at a time: results.nc equal to the local run's, exactly
+    (training is deterministic on CPU and each job is a pure function of the run directory)."""
+    ds = experiment.run(cfg.load(None, tiny(npz)), str(tmp_path / "ray"), verbose=0, executor="ray")
+    a, b = _arrays(clean_run[1] / "results.nc"), _arrays(tmp_path / "ray" / "results.nc")
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    assert ds.child.sel(metric="test_error").notnull().all()
+    assert (tmp_path / "ray" / "figures" / "barrier_vs_spawn_time.png").exists()
+
+
+def test_ray_retries_a_worker_killed_mid_training(tmp_path, npz, clean_run, ray_cluster, monkeypatch):
+    """SIGKILL of the worker running child 0 of spawn step 0 at step 12 of 16 (mid-epoch, after its epoch-1
+    resume checkpoint): Ray retries the task, the child resumes at step 8, and the results equal an
+    uninterrupted run's with no half-written file left."""
+    once = tmp_path / "fired"
+    monkeypatch.setenv("KERASNTK_FAULT_STEP", "12")
+    monkeypatch.setenv("KERASNTK_FAULT_SIGNAL", "KILL")
+    monkeypatch.setenv("KERASNTK_FAULT_JOB", "child/s00000000_c0")
+    monkeypatch.setenv("KERASNTK_FAULT_ONCE", str(once))
+    run_dir = tmp_path / "killed"
+    experiment.run(cfg.load(None, tiny(npz)), str(run_dir), verbose=0, executor="ray")
+    assert once.exists()  # the worker was killed
+    a, b = _arrays(clean_run[1] / "results.nc"), _arrays(run_dir / "results.nc")
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    assert not _no_temporary_files(run_dir)
+
+
+def test_a_failing_job_stops_the_graph_with_one_line_and_keeps_what_finished(tmp_path, npz, ray_cluster):
+    """A diverged parent (lr 1e6) is an error a retry cannot fix: the run stops at once naming the job
+    and the cause; nothing downstream ran."""
+    with pytest.raises(JobFailed, match=r"job parent failed: Diverged: parent: the training loss is not finite"):
+        experiment.run(cfg.load(None, tiny(npz, "train.lr=1e6")), str(tmp_path), verbose=0, executor="ray")
+    assert not (tmp_path / "results").exists()
+
+
+def test_job_resources_the_cluster_lacks_are_refused_before_anything_runs(tmp_path, npz, ray_cluster):
+    with pytest.raises(cfg.ConfigError, match=r'distribute.job_resources asks for \{"TPU": 4\}.*cluster has'):
+        experiment.run(cfg.load(None, tiny(npz, 'distribute.job_resources={"TPU": 4}')), str(tmp_path),
+                       verbose=0, executor="ray")
+    assert not (tmp_path / "parent").exists()

@@ -1,0 +1,78 @@
+"""The file layer on a local directory and on gs:// (a real GCS emulator server): atomic files and
+directories, listings that see other processes' writes, no temporary file left behind."""
+
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from kerasntk import fs
+from gcs import gcs_bucket, gcs_dir  # noqa: F401  (fixtures)
+
+
+@pytest.fixture(params=["local", "gs"])
+def root(request, tmp_path):
+    """A fresh directory: local, or a prefix in the emulator's bucket."""
+    return str(tmp_path / "root") if request.param == "local" else request.getfixturevalue("gcs_dir")
+
+
+def in_subprocess(code):
+    """stdout of `code` run by a new Python process (which inherits the environment, emulator included)."""
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                         timeout=120, check=True)
+    return out.stdout.strip()
+
+
+def test_atomic_file_json_npy_and_listing(root):
+    fs.makedirs(root)
+    fs.write_json(fs.join(root, "a", "x.json"), {"k": [1, 2]})
+    fs.save_npy(fs.join(root, "a", "k.npy"), np.arange(6.0).reshape(2, 3))
+    assert fs.read_json(fs.join(root, "a", "x.json")) == {"k": [1, 2]}
+    np.testing.assert_array_equal(fs.load_npy(fs.join(root, "a", "k.npy")), np.arange(6.0).reshape(2, 3))
+    assert fs.listdir(fs.join(root, "a")) == ["k.npy", "x.json"] and fs.listdir(fs.join(root, "none")) == []
+    assert fs.isdir(fs.join(root, "a")) and not fs.exists(fs.join(root, "a", "y.json"))
+    with fs.local_path(fs.join(root, "a", "x.json")) as local:
+        assert open(local).read().startswith("{")
+    fs.remove(fs.join(root, "a"))
+    assert not fs.exists(fs.join(root, "a", "x.json"))
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(root):
+    path = fs.join(root, "r.json")
+    fs.write_json(path, {"v": 1})
+    with pytest.raises(RuntimeError, match="disk full"):
+        with fs.atomic_file(path) as tmp:
+            open(tmp, "w").write('{"v": 2, "trunc')
+            raise RuntimeError("disk full")
+    assert fs.read_json(path) == {"v": 1} and fs.listdir(root) == ["r.json"]
+
+
+def test_atomic_dir_appears_with_its_marker_and_is_read_back(root, tmp_path):
+    target = fs.join(root, "checkpoints", "step_00000003")
+    with fs.atomic_dir(target, "meta.json") as tmp:
+        open(f"{tmp}/data.bin", "wb").write(b"d" * 100_000)
+        fs.write_json(f"{tmp}/meta.json", {"step": 3})
+    assert fs.listdir(target) == ["data.bin", "meta.json"]
+    with fs.local_dir(target) as local:
+        assert open(f"{local}/data.bin", "rb").read() == b"d" * 100_000
+    with pytest.raises(RuntimeError, match="marker 'meta.json' was not written"):
+        with fs.atomic_dir(fs.join(root, "checkpoints", "step_00000004"), "meta.json") as tmp:
+            open(f"{tmp}/data.bin", "wb").write(b"half")
+    assert fs.listdir(fs.join(root, "checkpoints")) == ["step_00000003"]
+    assert not [p for p in tmp_path.rglob("*") if ".tmp" in p.name]
+
+
+def test_listings_see_what_another_process_writes_overwrites_and_removes(root):
+    fs.write_json(fs.join(root, "one.json"), [1])
+    assert fs.listdir(root) == ["one.json"]  # a listing that a cache would keep
+    in_subprocess(f"""
+        from kerasntk import fs
+        fs.write_json(fs.join({root!r}, "one.json"), [1, 1, 1, 1, 1, 1, 1])
+        fs.write_json(fs.join({root!r}, "two.json"), [2])
+    """)
+    assert fs.listdir(root) == ["one.json", "two.json"] and fs.exists(fs.join(root, "two.json"))
+    assert fs.read_json(fs.join(root, "one.json")) == [1] * 7  # not cut at the old size
+    in_subprocess(f"from kerasntk import fs; fs.remove(fs.join({root!r}, 'two.json'))")
+    assert fs.listdir(root) == ["one.json"]
