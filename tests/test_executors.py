@@ -5,12 +5,12 @@ import pathlib
 
 import numpy as np
 import pytest
-import xarray as xr
 
 from kerasntk import config as cfg
-from kerasntk import experiment
+from kerasntk import experiment, fs, results
 from kerasntk.experiment import Grid, JobFailed, job_graph
 from kerasntk.experiment.progress import Progress
+from gcs import gcs_bucket, gcs_dir  # noqa: F401  (fixtures)
 from helpers import tiny
 
 
@@ -60,8 +60,9 @@ def test_progress_line_counts_jobs_and_estimates_from_finished_ones(npz, capsys,
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    """A local Ray cluster of 2 CPUs (Ray has no local mode): the executor's jobs run in its worker processes."""
+def ray_cluster(gcs_bucket):
+    """A local Ray cluster of 2 CPUs (Ray has no local mode): the executor's jobs run in its worker processes,
+    which inherit the environment at start, the GCS emulator's included."""
     import ray
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="error")
@@ -70,7 +71,7 @@ def ray_cluster():
 
 
 def _arrays(path):
-    ds = xr.load_dataset(path)
+    ds = results.load(path)
     return {name: ds[name].values for name in ("parent", "child", "pair", "path", "kernel_distance")}
 
 
@@ -78,32 +79,24 @@ def _no_temporary_files(root):
     return [str(p) for p in pathlib.Path(root).rglob("*") if ".tmp" in p.name]
 
 
-def test_ray_executor_equals_the_local_executor(tmp_path, npz, clean_run, ray_cluster):
-    """Every job in its own Ray worker process, two at a time: results.nc equal to the local run's, exactly
-    (training is deterministic on CPU and each job is a pure function of the run directory)."""
-    ds = experiment.run(cfg.load(None, tiny(npz)), str(tmp_path / "ray"), verbose=0, executor="ray")
-    a, b = _arrays(clean_run[1] / "results.nc"), _arrays(tmp_path / "ray" / "results.nc")
-    for name in a:
-        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
-    assert ds.child.sel(metric="test_error").notnull().all()
-    assert (tmp_path / "ray" / "figures" / "barrier_vs_spawn_time.png").exists()
-
-
 def test_ray_retries_a_worker_killed_mid_training(tmp_path, npz, clean_run, ray_cluster, monkeypatch):
-    """SIGKILL of the worker running child 0 of spawn step 0 at step 12 of 16 (mid-epoch, after its epoch-1
-    resume checkpoint): Ray retries the task, the child resumes at step 8, and the results equal an
-    uninterrupted run's with no half-written file left."""
+    """Every job in its own Ray worker process, two at a time, and SIGKILL of the worker running child 0 of
+    spawn step 0 at step 12 of 16 (mid-epoch, after its epoch-1 resume checkpoint): Ray retries the task, the
+    child resumes at step 8, and results.nc equals the local run's exactly (training is deterministic on CPU
+    and each job is a pure function of the run directory), with no half-written file left."""
     once = tmp_path / "fired"
     monkeypatch.setenv("KERASNTK_FAULT_STEP", "12")
     monkeypatch.setenv("KERASNTK_FAULT_SIGNAL", "KILL")
     monkeypatch.setenv("KERASNTK_FAULT_JOB", "child/s00000000_c0")
     monkeypatch.setenv("KERASNTK_FAULT_ONCE", str(once))
     run_dir = tmp_path / "killed"
-    experiment.run(cfg.load(None, tiny(npz)), str(run_dir), verbose=0, executor="ray")
+    ds = experiment.run(cfg.load(None, tiny(npz)), str(run_dir), verbose=0, executor="ray")
     assert once.exists()  # the worker was killed
     a, b = _arrays(clean_run[1] / "results.nc"), _arrays(run_dir / "results.nc")
     for name in a:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    assert ds.child.sel(metric="test_error").dropna("time", how="all").time.values.tolist() == [0.0, 0.5, 1.0]
+    assert (run_dir / "figures" / "barrier_vs_spawn_time.png").exists()
     assert not _no_temporary_files(run_dir)
 
 
@@ -111,7 +104,7 @@ def test_a_failing_job_stops_the_graph_with_one_line_and_keeps_what_finished(tmp
     """A diverged parent (lr 1e6) is an error a retry cannot fix: the run stops at once naming the job
     and the cause; nothing downstream ran."""
     with pytest.raises(JobFailed, match=r"job parent failed: Diverged: parent: the training loss is not finite"):
-        experiment.run(cfg.load(None, tiny(npz, "train.lr=1e6")), str(tmp_path), verbose=0, executor="ray")
+        experiment.run(cfg.load(None, tiny(npz, "train.lr=1000000.0")), str(tmp_path), verbose=0, executor="ray")
     assert not (tmp_path / "results").exists()
 
 
@@ -120,3 +113,43 @@ def test_job_resources_the_cluster_lacks_are_refused_before_anything_runs(tmp_pa
         experiment.run(cfg.load(None, tiny(npz, 'distribute.job_resources={"TPU": 4}')), str(tmp_path),
                        verbose=0, executor="ray")
     assert not (tmp_path / "parent").exists()
+
+
+def test_ray_on_a_gs_run_directory_with_a_killed_worker(gcs_dir, npz, clean_run, ray_cluster, monkeypatch, tmp_path):
+    """The same kill on a gs:// run directory (a local GCS emulator server shared by the driver and the
+    workers): retried, equal results, no temporary object left in the bucket."""
+    once = tmp_path / "fired"
+    for name, value in dict(STEP="12", SIGNAL="KILL", JOB="child/s00000004_c1", ONCE=str(once)).items():
+        monkeypatch.setenv(f"KERASNTK_FAULT_{name}", value)
+    experiment.run(cfg.load(None, tiny(npz)), gcs_dir, verbose=0, executor="ray")
+    assert once.exists()
+    a, b = _arrays(clean_run[1] / "results.nc"), _arrays(fs.join(gcs_dir, "results.nc"))
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    import fsspec
+
+    bucket, prefix = fsspec.core.url_to_fs(gcs_dir)
+    objects = bucket.find(prefix)
+    assert len(objects) > 50 and not [o for o in objects if ".tmp" in o]
+    assert fs.exists(fs.join(gcs_dir, "figures", "barrier_vs_spawn_time.pdf"))
+
+
+def test_every_verb_on_a_gs_run_directory_equals_kerasntk_run(gcs_dir, npz, clean_run):
+    """train, ntk, linearize, spawn, job, merge and report, one command each, on gs:// (TensorFlow's own gs://
+    support is not used: checkpoints are written locally and uploaded): the local run's results exactly."""
+    from kerasntk import cli
+
+    sets = [arg for item in tiny(npz) for arg in ("--set", item)]
+    assert cli.main(["-q", "train", "--out", gcs_dir, *sets]) == 0
+    assert cli.main(["-q", "ntk", gcs_dir]) == 0
+    for t in ("0", "1ep"):
+        assert cli.main(["-q", "linearize", gcs_dir, "--time", t]) == 0
+    for t in ("0", "0.5", "8it"):
+        for child in (1, 0):
+            assert cli.main(["-q", "spawn", gcs_dir, "--time", t, "--child", str(child)]) == 0
+    assert cli.main(["-q", "job", gcs_dir, "merge"]) == 0
+    assert cli.main(["-q", "report", gcs_dir]) == 0
+    assert fs.exists(fs.join(gcs_dir, "figures", "kernel_distance_matrix.png"))
+    a, b = _arrays(clean_run[1] / "results.nc"), _arrays(fs.join(gcs_dir, "results.nc"))
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)

@@ -203,8 +203,9 @@ def test_cli_reports_config_errors_without_traceback(tmp_path):
 
 def test_sigterm_saves_a_resume_checkpoint_within_one_chunk_and_the_rerun_is_bitwise_identical(tmp_path):
     """SIGTERM (a preemption; sent by the fault hook at step 63, mid-epoch) stops `kerasntk train` at the end
-    of the running chunk of steps_per_execution=4 steps with exit status 143, a resume checkpoint there
-    and the epoch's partial sums; the rerun continues and ends bitwise equal to an uninterrupted run."""
+    of the running chunk of steps_per_execution=4 steps (epoch 1 runs 50-54-58-62-66) with exit status 143,
+    a resume checkpoint there and the epoch's partial sums; the rerun continues and ends bitwise equal to
+    an uninterrupted run."""
     arrays = synthetic_arrays(n_train=800)
     npz = tmp_path / "d.npz"
     np.savez(npz, x_train=arrays.x_train, y_train=arrays.y_train, x_test=arrays.x_test, y_test=arrays.y_test)
@@ -214,10 +215,10 @@ def test_sigterm_saves_a_resume_checkpoint_within_one_chunk_and_the_rerun_is_bit
     env = dict(os.environ, KERASNTK_FAULT_STEP="63")
     proc = subprocess.run(_train_cli(stopped, npz, *chunked), env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 143, proc.stderr[-2000:]
-    assert "stopped by SIGTERM at step 64" in proc.stderr and "Traceback" not in proc.stderr
+    assert "stopped by SIGTERM at step 66" in proc.stderr and "Traceback" not in proc.stderr
     job = JobDir(stopped / "parent")
-    assert job.latest_resume() == 64  # the chunk 60-64 was running when the signal came: no later step
-    assert job.meta(64, "resume")["epoch_totals"][2] == 14 * 16  # examples seen in epoch 1 so far
+    assert job.latest_resume() == 66  # the chunk 62-66 was running when the signal came: no later step
+    assert job.meta(66, "resume")["epoch_totals"][2] == 16 * 16  # examples seen in epoch 1 so far
     assert not job.has_checkpoint(200)
     subprocess.run(_train_cli(stopped, npz, *chunked), check=True, timeout=600)
     a = _checkpoint_weights(str(clean / "parent"), 200)
