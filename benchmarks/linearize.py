@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from kerasntk import models  # noqa: E402
-from kerasntk.linearize import linearize  # noqa: E402
+from kerasntk.linearized import linearize  # noqa: E402
 
 
 def step_times(model, x, y, jit, repeats, warmup=2):

@@ -32,7 +32,7 @@ import tensorflow as tf  # noqa: E402
 from kerasntk import config as cfg  # noqa: E402
 from kerasntk import models, ntk  # noqa: E402
 from kerasntk.experiment import Grid, job_graph  # noqa: E402
-from kerasntk.linearize import linearize  # noqa: E402
+from kerasntk.linearized import linearize  # noqa: E402
 
 N_TRAIN, N_TEST, SHAPE, CLASSES = 50_000, 10_000, (32, 32, 3), 10
 

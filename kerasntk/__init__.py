@@ -1,15 +1,31 @@
-"""kerasntk: empirical NTKs, loss-landscape geometry and the spawning experiment of Fort et al. 2020."""
+"""kerasntk: empirical NTKs, loss-landscape geometry and the spawning experiment of Fort et al. 2020.
 
+Submodules and the top-level names load on first use, so `import kerasntk` (and `kerasntk --help`) does
+not import TensorFlow until something needs it.
+"""
+
+import importlib
 import os
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 __version__ = "0.1.0"
 
-from kerasntk import (callbacks, config, data, distribute, experiment, fs, landscape, models, ntk,  # noqa: E402
-                      plots, results, rundir, training)
-from kerasntk.experiment import run  # noqa: E402
-from kerasntk.linearize import Linearized, kernel_regression, linearize  # noqa: E402
+_MODULES = ("callbacks", "config", "data", "distribute", "experiment", "faults", "fs", "kernel_learning",
+            "landscape", "linearized", "models", "ntk", "plots", "results", "rundir", "training")
+_NAMES = {"Linearized": "linearized", "kernel_regression": "linearized", "linearize": "linearized",
+          "run": "experiment"}
 
-__all__ = ["Linearized", "callbacks", "config", "data", "distribute", "experiment", "fs", "kernel_regression",
-           "landscape", "linearize", "models", "ntk", "plots", "results", "rundir", "run", "training"]
+__all__ = sorted(_MODULES + tuple(_NAMES))
+
+
+def __getattr__(name):
+    if name in _MODULES:
+        return importlib.import_module(f"kerasntk.{name}")
+    if name in _NAMES:
+        return getattr(importlib.import_module(f"kerasntk.{_NAMES[name]}"), name)
+    raise AttributeError(f"module 'kerasntk' has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__

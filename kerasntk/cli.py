@@ -7,6 +7,8 @@ import sys
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from kerasntk import __version__  # noqa: E402  (the package's face imports nothing heavy)
+
 
 def _config_args(parser):
     parser.add_argument("config", nargs="?", help="YAML or JSON config (default: the embedded mnist1d experiment)")
@@ -29,6 +31,7 @@ def build_parser():
         description="Deep learning versus kernel learning (Fort et al. 2020) for Keras: train with checkpoints, "
                     "spawn children, measure barriers and empirical NTKs, write xarray/NetCDF results.")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--version", action="version", version=f"kerasntk {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="the whole spawning experiment: parent, children, metrics, figures")
     _config_args(p)

@@ -12,7 +12,7 @@ import tensorflow as tf
 
 from kerasntk import config as cfg
 from kerasntk import data, landscape
-from kerasntk.linearize import linearize
+from kerasntk.linearized import linearize
 
 
 def validation_split(arrays, n, seed):

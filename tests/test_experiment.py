@@ -81,33 +81,12 @@ def test_sigkill_anywhere_then_rerun_completes_without_recomputing(tmp_path, npz
 
 
 
-def test_jobs_one_command_each_equal_kerasntk_run(tmp_path, npz, clean_run):
-    """The several-machines recipe — train, ntk, one linearize / spawn command per job, merge, report —
-    gives exactly the results of one `kerasntk run` (each job is a pure function of the run directory)."""
-    from kerasntk import cli
-
-    run = str(tmp_path / "jobs")
-    sets = [arg for item in tiny(npz) for arg in ("--set", item)]
-    assert cli.main(["-q", "train", "--out", run, *sets]) == 0
-    assert not (tmp_path / "jobs" / "results").exists()  # training the parent measures nothing
-    assert cli.main(["-q", "ntk", run, "--set", "distribute.logical_cpus=0"]) == 0  # this machine's setting
-    for t in ("0", "1ep"):
-        assert cli.main(["-q", "linearize", run, "--time", t]) == 0
-    for t in ("0", "0.5", "8it"):  # 8 steps = epoch 1 of the 256-example, batch-32 tiny run
-        for child in (1, 0):  # the last child of a spawn time, whichever it is, writes the pair file
-            assert cli.main(["-q", "spawn", run, "--time", t, "--child", str(child)]) == 0
-    assert cli.main(["-q", "merge", run]) == 0
-    assert cli.main(["-q", "report", run]) == 0 and (tmp_path / "jobs" / "figures" / "barrier_vs_spawn_time.pdf").exists()
-    a, b = _values(clean_run[1] / "results.nc"), _values(tmp_path / "jobs" / "results.nc")
-    for name in a:
-        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
-
-def test_rerun_of_a_finished_run_skips_every_job(tmp_path, npz):
-    config = cfg.load(None, tiny(npz, "spawn.times=[0.5]"))
-    experiment.run(config, str(tmp_path), verbose=0)
-    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "results").glob("*.nc")}
-    experiment.run(config, str(tmp_path), verbose=0)
-    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+def test_rerun_of_a_finished_run_skips_every_job(npz, clean_run):
+    run_dir = clean_run[1]
+    files = [p for p in run_dir.rglob("*") if p.is_file() and "figures" not in p.parts and p.name != "results.nc"]
+    stamps = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in files}
+    experiment.run(cfg.load(None, tiny(npz)), str(run_dir), verbose=0)  # only merge and report run again
+    assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in files} == stamps
 
 
 def test_run_dir_with_another_config_is_refused_but_machine_fields_may_differ(tmp_path, npz):

@@ -1,4 +1,4 @@
-"""Tests of kerasntk.linearize against independent references: finite differences, explicit Jacobians
+"""Tests of kerasntk.linearized against independent references: finite differences, explicit Jacobians
 (tape.jacobian / per-example gradient loops), closed-form NTK gradient-descent dynamics and a hand-built
 kernel ridge solution. Numerical references run in float64 so tolerances can be tight."""
 
@@ -10,7 +10,7 @@ import keras
 from keras import layers
 
 from kerasntk import data, models
-from kerasntk.linearize import kernel_regression, linearize
+from kerasntk.linearized import kernel_regression, linearize
 from helpers import synthetic_arrays
 from test_training import ZOO
 

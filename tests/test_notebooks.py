@@ -113,7 +113,7 @@ def test_quickstart_runs_the_experiment_and_shows_results(quickstart):
     assert {"parent", "child", "pair", "path", "correlation"} <= set(ds.data_vars)
     # spawn times 0, ~0.25, 0.5 (on steps), the end, and the t + 0.4 epoch partners of the first three
     assert ds.sizes["spawn"] == 2 and ds.sizes["time"] == 7
-    assert (run_dir / "barrier_vs_spawn_time.png").exists()
+    assert (run_dir / "figures" / "barrier_vs_spawn_time.png").exists()
     assert len([o for o in outputs(nb, "display_data") if "image/png" in o.data]) >= 5  # figures and plots shown
     assert json.loads(ds.attrs["config"])["spawn"]["times"] == [0, 0.25, 0.5]
 
@@ -124,13 +124,13 @@ def test_tpu_notebook_falls_back_to_cpu_and_runs_every_job(paper):
 
     printed = "".join(o.get("text", "") for o in outputs(nb, "stream"))
     assert "no TPU on this machine" in printed and "_DefaultDistributionStrategy with 1 replica(s)" in printed
-    assert "11/11 parent, linearized, child and pair jobs done; missing: []" in printed  # 1 + 1 + 3 × (2 + 1)
+    assert "12/12 jobs done; missing: []" in printed  # parent, measure_parent, linearized, 3 × (2 children + pairs)
     ds = xr.load_dataset(run_dir / "results.nc")
     stored = json.loads(ds.attrs["config"])
     assert stored["data"]["name"] == "cifar10" and stored["model"]["name"] == "resnet20"
     assert ds.sizes["spawn"] == 2 and ds.pair.sel(metric="error_barrier").notnull().sum() == 3
     assert ds.parent.sel(metric="linearized_test_error").notnull().sum() == 1
-    assert (run_dir / "kernel_dynamics.png").exists()
+    assert (run_dir / "figures" / "kernel_dynamics.png").exists()
 
 
 def test_tpu_notebook_rerun_resumes_without_training(paper, tmp_path):
