@@ -21,9 +21,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
 
 from kerasntk import config as cfg  # noqa: E402
 from kerasntk import data, models, training  # noqa: E402
+from kerasntk.experiment import Grid  # noqa: E402
+from kerasntk.rundir import JobDir  # noqa: E402
 
 
 def synthetic(n_train, n_test, shape, classes=10):
@@ -58,7 +61,8 @@ def kerasntk_epoch_times(case, arrays, repeats, xla):
                              f"train.jit_compile={str(xla).lower()}", "train.deterministic=false"])
     config.model.options = dict(case["options"])
     with tempfile.TemporaryDirectory() as job:
-        trainer = training.Trainer(config, job, arrays=arrays)
+        grid = Grid.from_config(config, data.steps_per_epoch(arrays, case["batch"]))
+        trainer = training.build_trainer(config, arrays, grid, JobDir(job), tf.distribute.get_strategy())
         trainer.restore()
         trainer.train(until=trainer.steps_per_epoch, verbose=0)  # compile
         times = []

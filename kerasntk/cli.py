@@ -37,8 +37,8 @@ def build_parser():
     _config_args(p)
     p.add_argument("--executor", choices=("local", "ray"), default="local",
                    help="local: the jobs one after another in this process; ray: as Ray tasks, in parallel")
-    p.add_argument("--address", help="Ray cluster address for --executor ray (default: start a local cluster, "
-                                     "or RAY_ADDRESS)")
+    p.add_argument("--address", help="Ray cluster for --executor ray: HOST:PORT, or 'auto' for the one started "
+                                     "on this host by `ray start` (default: RAY_ADDRESS, else a new local cluster)")
     _config_args(sub.add_parser("train", help="train the parent only, saving the checkpoint grid"))
     p = sub.add_parser("spawn", help="run one child job of a run directory (then its pairs when siblings are done)")
     p.add_argument("run_dir")

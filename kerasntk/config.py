@@ -81,6 +81,9 @@ class DataConfig:
 class ModelConfig:
     name: str = "cnn1d"
     options: dict = field(default_factory=dict)  # keyword arguments of the model builder (width, batchnorm, ...)
+    # BatchNorm statistics over the global batch, synchronized across replicas: true, false (each replica
+    # its own slice), or "auto": synchronized whenever more than one replica trains
+    sync_bn: bool | str = "auto"
 
 
 @dataclass
@@ -332,6 +335,8 @@ def validate(config):
         value = getattr(la, name)
         _check(_is_int(value) and value > 0, f"landscape.{name}", value, "an integer > 0")
     _check(t.jit_compile in (True, False, "auto"), "train.jit_compile", t.jit_compile, "true, false or 'auto'")
+    sync = config.model.sync_bn
+    _check(sync in (True, False, "auto"), "model.sync_bn", sync, "true, false or 'auto'")
     li = config.linearize
     for i, time in enumerate(li.times):
         parse_duration(time, f"linearize.times[{i}]")

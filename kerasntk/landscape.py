@@ -15,6 +15,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from keras import ops  # noqa: E402
 
+from kerasntk import models  # noqa: E402
 from kerasntk.config import BN_MODES  # noqa: E402  (one list: the config schema's)
 
 
@@ -65,11 +66,6 @@ def reestimate_batchnorm(model, x_batches, batch_size=512):
         mean, var = _channel_moments(probe, positions, x, batch_size)
         layer.moving_mean.assign(mean.astype(layer.moving_mean.dtype))
         layer.moving_variance.assign(var.astype(layer.moving_variance.dtype))
-
-
-def has_batchnorm(model):
-    """True when `model` contains a BatchNormalization layer (at any nesting depth)."""
-    return any(isinstance(layer, keras.layers.BatchNormalization) for layer in model._flatten_layers())
 
 
 def path(model, w_a, w_b, alphas, eval_sets, *, bn="reestimate", bn_x=None, batch_size=512):
@@ -239,7 +235,7 @@ def _bn_mode(model, bn, bn_x):
     """Validate `bn`; True when BN statistics must be re-estimated (mode 'reestimate' and BN present)."""
     if bn not in BN_MODES:
         raise ValueError(f"bn must be one of {BN_MODES}; got {bn!r}")
-    reestimate = bn == "reestimate" and has_batchnorm(model)
+    reestimate = bn == "reestimate" and models.has_batchnorm(model)
     if reestimate and bn_x is None:
         raise ValueError("bn='reestimate' on a model with BatchNormalization needs bn_x (training inputs)")
     return reestimate

@@ -212,9 +212,10 @@ def correlation(ds, method="spearman"):
                                    units="1"))
 
 
-def global_attrs(config_dict, seeds):
+def global_attrs(config_dict, seeds, **extra):
     """CF-style global attributes: conventions, title, source, history, references, the config as JSON,
-    the seeds as JSON, package versions and the git commit of the kerasntk source (or 'unknown')."""
+    the seeds as JSON, package versions, the git commit of the kerasntk source (or 'unknown'), and `extra`
+    (facts of how the run executed, such as what BatchNorm normalized over)."""
     from kerasntk import __version__
 
     if hasattr(config_dict, "__dataclass_fields__"):
@@ -235,6 +236,7 @@ def global_attrs(config_dict, seeds):
         **{f"{name}_version": _package_version(*dists) for name, dists in (
             ("numpy", ("numpy",)), ("tensorflow", ("tensorflow", "tensorflow-cpu", "tensorflow-tpu")),
             ("keras", ("keras",)), ("xarray", ("xarray",)), ("netcdf4", ("netCDF4", "netcdf4")))},
+        **extra,
     )
 
 

@@ -288,6 +288,21 @@ def load_data(config):
     return data.load_arrays(d.name, data_dir=data_dir, path=d.path, seed=d.seed)
 
 
+def sync_batchnorm(setting, strategy):
+    """Whether BatchNorm statistics are synchronized: `model.sync_bn` true, or "auto" on several replicas."""
+    return setting is True or (setting == "auto" and strategy.num_replicas_in_sync > 1)
+
+
+def batchnorm_statistics(setting, strategy, batch_size):
+    """In words, the examples each BatchNorm layer's training statistics are computed over."""
+    replicas = strategy.num_replicas_in_sync
+    if replicas == 1:
+        return f"the batch of {batch_size} (one replica)"
+    if sync_batchnorm(setting, strategy):
+        return f"the global batch of {batch_size}, synchronized across {replicas} replicas"
+    return f"each replica's {batch_size // replicas} of the global batch of {batch_size} ({replicas} replicas)"
+
+
 def build_model_and_optimizer(config, arrays, grid, strategy):
     """The seeded model and its SGD-momentum optimizer (schedule on `grid`), built inside the strategy's scope."""
     t = config.train
@@ -295,10 +310,22 @@ def build_model_and_optimizer(config, arrays, grid, strategy):
                         gamma=t.gamma)
     with strategy.scope():
         keras.utils.set_random_seed(t.seed)
-        model = models.get(config.model.name, arrays.input_shape, arrays.num_classes, **config.model.options)
+        model = models.get(config.model.name, arrays.input_shape, arrays.num_classes,
+                           sync_bn=sync_batchnorm(config.model.sync_bn, strategy), **config.model.options)
         optimizer = keras.optimizers.SGD(learning_rate=schedule, momentum=t.momentum)
         optimizer.build(model.trainable_variables)
     return model, optimizer
+
+
+def build_trainer(config, arrays, grid, job, strategy, *, data_seed=None, augment_seed=None, name="training"):
+    """A Trainer of the config's seeded model and optimizer on `arrays`, with the times of `grid` (a Grid),
+    writing to `job` (a JobDir); seeds default to the config's (children pass their own)."""
+    t = config.train
+    model, optimizer = build_model_and_optimizer(config, arrays, grid, strategy)
+    return Trainer(model, optimizer, arrays, job, train=t, total_steps=grid.total,
+                   steps_per_epoch=grid.steps_per_epoch, data_seed=t.data_seed if data_seed is None else data_seed,
+                   augment_seed=t.augment_seed if augment_seed is None else augment_seed,
+                   augment=config.data.augment, strategy=strategy, name=name)
 
 
 class _Flag:

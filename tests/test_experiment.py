@@ -115,6 +115,7 @@ def test_paper_config_dry_run_on_mock_cifar10(tmp_path, capsys):
     assert "resnet20: 27" in plan["model"]  # ResNet-20 with BatchNorm: ~0.27M parameters
     assert plan["spawn_times"][0] == 0 and plan["child_jobs"] == 3 * len(plan["spawn_times"])
     assert plan["checkpoints"][-1] == 200
+    assert plan["batchnorm"] == "the batch of 128 (one replica)"
     with tfds.testing.mock_data(num_examples=256, policy=tfds.testing.MockPolicy.USE_FILES, data_dir=str(tmp_path)):
         assert cli.main(["run", "configs/cifar10_resnet20.yaml", "--set", f"data.data_dir={tmp_path}",
                          "--set", "ntk.probe_size=100", "--out", str(tmp_path / "cli_run"), "--dry-run"]) == 0

@@ -9,6 +9,7 @@ continues. Merge and report run on the driver.
 
 import json
 import os
+import time
 
 from kerasntk.experiment import jobs as graph
 from kerasntk.experiment.progress import Progress
@@ -43,8 +44,10 @@ def run_local(experiment):
 
 
 def run_ray(config, run_dir, address=None, verbose=1):
-    """Run the job graph of `config` in `run_dir` on a Ray cluster: `address` (or RAY_ADDRESS, or a cluster
-    started on this node with `ray start`); with none of those, a local cluster of this machine's CPUs."""
+    """Run the job graph of `config` in `run_dir` on the Ray cluster at `address` ("auto": the one started on
+    this host with `ray start`), else at RAY_ADDRESS, else on a new local cluster of this machine's CPUs.
+    (Ray's own default would also follow /tmp/ray's record of the last cluster, which outlives a cluster
+    that was killed rather than stopped, and then waits for it.)"""
     import ray
 
     from kerasntk import fs
@@ -54,14 +57,15 @@ def run_ray(config, run_dir, address=None, verbose=1):
     driver = Experiment(config, run_dir, verbose=0)  # plans, merges and draws: no accelerator needed
     own_cluster = not ray.is_initialized()
     if own_cluster:
+        address = address or os.environ.get("RAY_ADDRESS") or "local"
         ray.init(address=address, include_dashboard=False, log_to_driver=verbose > 1, logging_level="error")
         if verbose < 2:  # Ray prints worker deaths and retries to stdout whatever log_to_driver says
             ray._private.worker._worker_logs_enabled = False
     try:
         options = _task_options(config.distribute, ray.cluster_resources())
         slots = _slots(config.distribute.job_resources, ray.cluster_resources())
-        # max_calls=1: the worker ends after its job, releasing its accelerator and TensorFlow's state
-        remote = ray.remote(max_calls=1)(_run_job_in_worker).options(**options)
+        remote = ray.remote(max_calls=_max_calls(config.distribute.job_resources))(_run_job_in_worker)
+        remote = remote.options(**options)
         _drive(driver, remote, config.to_dict(), verbose, slots)
     finally:
         if own_cluster:
@@ -93,14 +97,14 @@ def _drive(driver, remote, config_dict, verbose, slots):
         ready, _ = ray.wait(list(pending), num_returns=1)
         job = pending.pop(ready[0])
         try:
-            ray.get(ready[0])
+            seconds = ray.get(ready[0])
         except ray.exceptions.RayError as err:  # an application error, or retries exhausted
             progress.failed_job(job)
             for ref in pending:
                 ray.cancel(ref, force=True)
             raise JobFailed(job.id, _cause(err)) from None
         done.add(job.id)
-        progress.finished(job)
+        progress.finished(job, seconds)
 
 
 def _on_driver(driver, job, progress):
@@ -113,20 +117,22 @@ def _on_driver(driver, job, progress):
 
 
 def _run_job_in_worker(run_dir, job_id, config_dict):
-    """A Ray task: one job of the graph, on the strategy its config asks for. A preempted job (SIGTERM: its
-    resume checkpoint is saved) ends the worker process, which Ray counts as a worker death and retries."""
+    """A Ray task: one job of the graph, on the strategy its config asks for; returns the seconds it ran (the
+    driver's clock would count the time it queued). A preempted job (SIGTERM: its resume checkpoint is
+    saved) ends the worker process, which Ray counts as a worker death and retries."""
     from kerasntk import config as cfg
     from kerasntk import distribute
     from kerasntk.experiment.experiment import Experiment
     from kerasntk.training import Preempted
 
+    start = time.monotonic()
     config = cfg.from_dict(config_dict)
     d = config.distribute
     try:
         Experiment(config, run_dir, strategy=distribute.get_strategy(d.tpu, d.logical_cpus), verbose=0).run_job(job_id)
     except Preempted:
         os._exit(143)
-    return job_id
+    return time.monotonic() - start
 
 
 def _task_options(d, available):
@@ -148,6 +154,13 @@ def _task_options(d, available):
                    OMP_NUM_THREADS=str(d.intra_op_threads))
     return dict(num_cpus=resources.pop("CPU", 0), num_gpus=resources.pop("GPU", 0), resources=resources,
                 max_retries=d.max_retries, retry_exceptions=False, runtime_env={"env_vars": env})
+
+
+def _max_calls(job_resources):
+    """Jobs a worker process runs before it ends: one when jobs hold an accelerator (a TPU host belongs to
+    one process, so the next job's process must find it released), unlimited for CPU jobs (a fresh process
+    would spend seconds importing TensorFlow per job: 40 jobs of the default experiment)."""
+    return 1 if any(k != "CPU" and v > 0 for k, v in job_resources.items()) else 0
 
 
 def _slots(job_resources, available):

@@ -68,6 +68,7 @@ class Experiment:
             child_jobs=len(g.spawn) * c.spawn.children,
             linearized_jobs=[round(g.epochs(s), 4) for s in g.linearize],
             probe=f"{len(self.x_probe)} examples",
+            batchnorm=self.batchnorm_statistics() or "no BatchNormalization",
             jobs=", ".join(f"{n} {k}" for k, n in counts.items()),
         )
 
@@ -84,18 +85,10 @@ class Experiment:
 
     # parent -----------------------------------------------------------------------------------------------
 
-    def trainer(self, job_dir, data_seed, augment_seed, name):
-        """A Trainer of this run's model and optimizer on `job_dir` (a JobDir) with the given seeds."""
-        model, optimizer = training.build_model_and_optimizer(self.config, self.arrays, self.grid, self.strategy)
-        return training.Trainer(model, optimizer, self.arrays, job_dir, train=self.config.train,
-                                total_steps=self.grid.total, steps_per_epoch=self.grid.steps_per_epoch,
-                                data_seed=data_seed, augment_seed=augment_seed, augment=self.config.data.augment,
-                                strategy=self.strategy, name=name)
-
     def train_parent(self):
         """Train (or resume) the parent, saving every grid checkpoint."""
-        t = self.config.train
-        parent = self.trainer(self.run.parent, t.data_seed, t.augment_seed, "parent")
+        parent = training.build_trainer(self.config, self.arrays, self.grid, self.run.parent, self.strategy,
+                                        name="parent")
         parent.restore()
         self._say(f"parent: training to {self.grid.total} steps, {len(self.grid.checkpoints)} checkpoints")
         parent.train(save_steps=self.grid.checkpoints, verbose=self.verbose)
@@ -178,7 +171,8 @@ class Experiment:
         self._require_parent_checkpoint(step)
         job = self.run.child(step, child)
         data_seed, augment_seed = child_seeds(self.config, step, child)
-        trainer = self.trainer(job, data_seed, augment_seed, graph.job_id("child", step, child))
+        trainer = training.build_trainer(self.config, self.arrays, self.grid, job, self.strategy, data_seed=data_seed,
+                                         augment_seed=augment_seed, name=graph.job_id("child", step, child))
         trainer.restore(start_from=(self.run.parent, step), reset_momentum=self.config.spawn.reset_momentum)
         self._say(f"child {child} spawned at epoch {self.grid.epochs(step):g}: training to the end")
         trainer.train(save_steps=[trainer.total_steps], verbose=self.verbose)
@@ -250,10 +244,17 @@ class Experiment:
         """The figures of the merged results, in RUN/figures."""
         return plots.report(results.load(self.run.merged), self.run.figures)
 
+    def batchnorm_statistics(self):
+        """What BatchNorm normalizes over in training on this strategy (None without BatchNorm)."""
+        if not models.has_batchnorm(self.model):
+            return None
+        return training.batchnorm_statistics(self.config.model.sync_bn, self.strategy, self.config.train.batch_size)
+
     def _attrs(self):
         t = self.config.train
+        extra = {"batchnorm_statistics": self.batchnorm_statistics()} if models.has_batchnorm(self.model) else {}
         return results.global_attrs(self.config.to_dict(), dict(seed=t.seed, data_seed=t.data_seed,
-                                                               augment_seed=t.augment_seed))
+                                                               augment_seed=t.augment_seed), **extra)
 
     def _say(self, message):
         if self.verbose:

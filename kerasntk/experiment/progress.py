@@ -32,8 +32,10 @@ class Progress:
         self.running[job.id] = time.monotonic()
         self._print(f"started {job.id}")
 
-    def finished(self, job):
-        self.done[job.id] = time.monotonic() - self.running.pop(job.id)
+    def finished(self, job, seconds=None):
+        """`job` is done; `seconds` is how long it ran (default: since it started here, queueing included)."""
+        started = self.running.pop(job.id)
+        self.done[job.id] = time.monotonic() - started if seconds is None else seconds
         self._print(f"done {job.id} ({_clock(self.done[job.id])})")
 
     def failed_job(self, job):
