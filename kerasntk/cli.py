@@ -1,6 +1,7 @@
 """The `kerasntk` command: run | train | ntk | linearize | spawn | merge | report."""
 
 import argparse
+import logging
 import os
 import sys
 
@@ -25,40 +26,54 @@ def _machine_args(parser):
                              "field (repeatable)")
 
 
+def _verbosity_args(parser, defaults):
+    """-q (no progress output) and -v (also info log lines, Ray's worker output); after the verb their
+    defaults are suppressed so they do not overwrite what was given before it."""
+    keep = {} if defaults else {"default": argparse.SUPPRESS}
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress output", **keep)
+    parser.add_argument("-v", "--verbose", action="store_true", help="also informational log lines", **keep)
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="kerasntk",
         description="Deep learning versus kernel learning (Fort et al. 2020) for Keras: train with checkpoints, "
                     "spawn children, measure barriers and empirical NTKs, write xarray/NetCDF results.")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--version", action="version", version=f"kerasntk {__version__}")
+    _verbosity_args(parser, defaults=True)
+    after_verb = argparse.ArgumentParser(add_help=False)  # -q / -v after the verb too: kerasntk run -q
+    _verbosity_args(after_verb, defaults=False)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("run", help="the whole spawning experiment: parent, children, metrics, figures")
+
+    def verb(name, help):
+        return sub.add_parser(name, help=help, parents=[after_verb])
+
+    p = verb("run", help="the whole spawning experiment: parent, children, metrics, figures")
     _config_args(p)
     p.add_argument("--executor", choices=("local", "ray"), default="local",
                    help="local: the jobs one after another in this process; ray: as Ray tasks, in parallel")
     p.add_argument("--address", help="Ray cluster for --executor ray: HOST:PORT, or 'auto' for the one started "
                                      "on this host by `ray start` (default: RAY_ADDRESS, else a new local cluster)")
-    _config_args(sub.add_parser("train", help="train the parent only, saving the checkpoint grid"))
-    p = sub.add_parser("spawn", help="run one child job of a run directory (then its pairs when siblings are done)")
+    _config_args(verb("train", help="train the parent only, saving the checkpoint grid"))
+    p = verb("spawn", help="run one child job of a run directory (then its pairs when siblings are done)")
     p.add_argument("run_dir")
     _machine_args(p)
     p.add_argument("--time", required=True, help="spawn time: epochs (0.5, '2ep') or steps ('100it')")
     p.add_argument("--child", required=True, type=int, help="child index, 0..children-1")
-    p = sub.add_parser("linearize", help="train the parent's linearization at one time (one kernel-learning job)")
+    p = verb("linearize", help="train the parent's linearization at one time (one kernel-learning job)")
     p.add_argument("run_dir")
     _machine_args(p)
     p.add_argument("--time", required=True, help="parent time: epochs (2, '2ep') or steps ('100it')")
-    p = sub.add_parser("ntk", help="measure the parent at every checkpoint: errors, NTKs, kernel metrics")
+    p = verb("ntk", help="measure the parent at every checkpoint: errors, NTKs, kernel metrics")
     p.add_argument("run_dir")
     _machine_args(p)
-    p = sub.add_parser("job", help="run one job of a run directory's job graph by id (see run --dry-run)")
+    p = verb("job", help="run one job of a run directory's job graph by id (see run --dry-run)")
     p.add_argument("run_dir")
     p.add_argument("job_id", help="e.g. parent, measure_parent, child/s00000016_c0, pairs/s00000016, merge")
     _machine_args(p)
-    p = sub.add_parser("merge", help="merge a run directory's result files into RUN_DIR/results.nc")
+    p = verb("merge", help="merge a run directory's result files into RUN_DIR/results.nc")
     p.add_argument("run_dir")
-    p = sub.add_parser("report", help="draw the figures of a results file (PNG and PDF)")
+    p = verb("report", help="draw the figures of a results file (PNG and PDF)")
     p.add_argument("results", help="a merged results .nc file or a run directory")
     p.add_argument("--out", help="figure directory (default: RUN_DIR/figures, or beside the results file)")
     return parser
@@ -66,7 +81,8 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    verbose = 0 if args.quiet else 1
+    verbose = 0 if args.quiet else 2 if args.verbose else 1
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="[kerasntk] %(message)s")
     from kerasntk import config as cfg
     from kerasntk import data, training
     from kerasntk.experiment import JobFailed

@@ -231,9 +231,28 @@ def load(path=None, overrides=()):
     return config
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML with the numbers of YAML 1.2 and JSON: `1e-3`, `5E-4`, `1.0e+2` are floats (PyYAML follows
+    YAML 1.1, which needs a dot and a signed exponent, and would read `1e-3` as a string)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                  |[-+]?(?:[0-9][0-9_]*)[eE][-+]?[0-9]+
+                  |[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                  |[-+]?\.(?:inf|Inf|INF)
+                  |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def _yaml(text):
+    return yaml.load(text, Loader=_Loader)
+
+
 def default_dict():
     """The embedded default experiment (mnist1d, cnn1d) as a nested dict."""
-    return yaml.safe_load((Path(__file__).parent / "configs" / "default.yaml").read_text())
+    return _yaml((Path(__file__).parent / "configs" / "default.yaml").read_text())
 
 
 def _read(path):
@@ -242,7 +261,7 @@ def _read(path):
         raise ConfigError(f"config file {str(path)!r} does not exist")
     text = path.read_text()
     try:
-        raw = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        raw = json.loads(text) if path.suffix == ".json" else _yaml(text)
     except (json.JSONDecodeError, yaml.YAMLError) as err:
         raise ConfigError(f"config file {str(path)!r} is not valid {path.suffix[1:] or 'YAML'}: {err}") from None
     return raw or {}
@@ -260,7 +279,7 @@ def _apply_override(raw, item):
         if not isinstance(node, dict):
             raise ConfigError(f"override {item!r}: {part!r} is not a section")
     try:
-        node[parts[-1]] = yaml.safe_load(value)
+        node[parts[-1]] = _yaml(value)
     except yaml.YAMLError:
         node[parts[-1]] = value
 

@@ -27,3 +27,13 @@ def test_help_and_version_import_no_tensorflow(arg):
     assert out.stdout.splitlines()[-1] == "0 []"
     if arg == "--version":
         assert f"kerasntk {kerasntk.__version__}" in out.stdout
+
+
+@pytest.mark.parametrize("argv, quiet, verbose", [
+    (["-q", "merge", "RUN"], True, False), (["merge", "RUN", "-q"], True, False), (["merge", "RUN"], False, False),
+    (["-v", "run", "--dry-run"], False, True), (["run", "-v", "--dry-run"], False, True)])
+def test_quiet_and_verbose_before_or_after_the_verb(argv, quiet, verbose):
+    from kerasntk import cli
+
+    args = cli.build_parser().parse_args(argv)
+    assert (args.quiet, args.verbose) == (quiet, verbose)

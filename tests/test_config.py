@@ -97,3 +97,13 @@ def test_bad_override_syntax_and_missing_file(tmp_path):
     (tmp_path / "bad.yaml").write_text("train: [unclosed\n")
     with pytest.raises(cfg.ConfigError, match="not valid"):
         cfg.load(tmp_path / "bad.yaml")
+
+
+@pytest.mark.parametrize("spelling, value", [("1e-3", 0.001), ("5.0e-4", 0.0005), ("1E-3", 0.001), ("2e+1", 20.0)])
+def test_numbers_in_any_yaml_or_json_spelling_are_numbers(tmp_path, spelling, value):
+    """YAML 1.1 (PyYAML's default) reads `1e-3` as a string; configs read numbers as YAML 1.2 and JSON do."""
+    assert cfg.load(None, [f"train.lr={spelling}"]).train.lr == value
+    path = tmp_path / "c.yaml"
+    path.write_text(f"train:\n  lr: {spelling}\nlinearize:\n  times: [0, {spelling}]\n")
+    loaded = cfg.load(path)
+    assert loaded.train.lr == value and loaded.linearize.times == [0, value]
