@@ -25,22 +25,13 @@ class JobFailed(RuntimeError):
 
 def run_local(experiment):
     """Run every job of `experiment` that is not done, in graph order, in this process."""
-    from kerasntk.training import Preempted
-
     progress = Progress(experiment.jobs, verbose=experiment.verbose)
     for job in experiment.jobs:
         if graph.is_done(job, experiment.run, experiment.grid):
             progress.skipped(job)
             continue
         progress.started(job)
-        try:
-            experiment.run_job(job)
-        except Preempted:
-            raise
-        except Exception as err:
-            progress.failed_job(job)
-            raise JobFailed(job.id, err) from err
-        progress.finished(job)
+        _run_here(experiment, job, progress)
 
 
 def run_ray(config, run_dir, address=None, verbose=1):
@@ -90,7 +81,7 @@ def _drive(driver, remote, config_dict, verbose, slots):
             if job.trains:
                 pending[remote.remote(driver.run.root, job.id, config_dict)] = job
             else:  # merge and report: on the driver, once everything before them is done
-                _on_driver(driver, job, progress)
+                _run_here(driver, job, progress)
                 done.add(job.id)
         if not pending:
             continue
@@ -107,9 +98,14 @@ def _drive(driver, remote, config_dict, verbose, slots):
         progress.finished(job, seconds)
 
 
-def _on_driver(driver, job, progress):
+def _run_here(experiment, job, progress):
+    """Run `job` in this process; an error becomes JobFailed naming it (a preemption stays Preempted)."""
+    from kerasntk.training import Preempted
+
     try:
-        driver.run_job(job)
+        experiment.run_job(job)
+    except Preempted:
+        raise
     except Exception as err:
         progress.failed_job(job)
         raise JobFailed(job.id, err) from err

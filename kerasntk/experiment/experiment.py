@@ -1,9 +1,11 @@
-"""The spawning experiment's jobs (docs/methods.md §1-5): what each job of the job graph computes.
+"""The spawning experiment's jobs (README "What a run measures"): what each job of the job graph computes.
 
 `Experiment` loads the data, the grid and the probe set once and runs one job by id (`run_job`); which jobs
 run where and when is the executors' business (`experiment.executors`). Measurements use a scratch model of
 their own; each training job builds its own model and optimizer.
 """
+
+import functools
 
 import numpy as np
 import tensorflow as tf
@@ -220,10 +222,11 @@ class Experiment:
             self.model, w_a, w_b, x_test=self.arrays.x_test, y_test=self.arrays.y_test,
             x_train=self.arrays.x_train[self.train_subset], y_train=self.arrays.y_train[self.train_subset],
             alphas=self._alphas(), bn=la.bn, bn_x=self.arrays.x_train[self.bn_subset],
-            reference_norm=self._parent_travel(), batch_size=la.batch_size)
+            reference_norm=self.parent_travel, batch_size=la.batch_size)
 
-    def _parent_travel(self):
-        """‖w_T − w_0‖ of the parent (trainable weights): the scale of relative weight distances."""
+    @functools.cached_property
+    def parent_travel(self):
+        """‖w_T − w_0‖ of the parent (trainable weights): the scale of relative weight distances (read once)."""
         job = self.run.parent
         mask = landscape.trainable_mask(self.model)
         w0, w_final = self.weights_at(job, 0), self.weights_at(job, self.grid.total)
