@@ -1,4 +1,4 @@
-"""The `kerasntk` command: run | train | ntk | linearize | spawn | merge | report."""
+"""The `kerasntk` command: run | train | ntk | linearize | spawn | job | check | merge | report."""
 
 import argparse
 import logging
@@ -71,6 +71,10 @@ def build_parser():
     p.add_argument("run_dir")
     p.add_argument("job_id", help="e.g. parent, measure_parent, child/s00000016_c0, pairs/s00000016, merge")
     _machine_args(p)
+    p = verb("check", help="verify a run directory: config, every checkpoint and result against its checksum, "
+                           "which jobs are done, failed or to do (exit 1 when something is damaged or failed)")
+    p.add_argument("run_dir")
+    _machine_args(p)
     p = verb("merge", help="merge a run directory's result files into RUN_DIR/results.nc")
     p.add_argument("run_dir")
     p = verb("report", help="draw the figures of a results file (PNG and PDF)")
@@ -84,7 +88,7 @@ def main(argv=None):
     verbose = 0 if args.quiet else 2 if args.verbose else 1
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="[kerasntk] %(message)s")
     from kerasntk import config as cfg
-    from kerasntk import data, training
+    from kerasntk import data, errors, training
     from kerasntk.experiment import JobFailed
 
     try:
@@ -95,7 +99,7 @@ def main(argv=None):
     except (cfg.ConfigError, data.DatasetNotAvailable, ValueError, OSError, JobFailed, training.Diverged) as err:
         if os.environ.get("KERASNTK_DEBUG"):  # the full traceback, for bug reports
             raise
-        print(f"kerasntk: error: {err} (KERASNTK_DEBUG=1 shows the traceback)", file=sys.stderr)
+        print(f"kerasntk: error: {errors.one_line(err)} (KERASNTK_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("kerasntk: interrupted; run the same command again to resume where it stopped", file=sys.stderr)
@@ -145,6 +149,18 @@ def _dispatch(args, verbose):
         _, ex = _existing_run(args, verbose)
         print(f"{args.job_id}: {'done' if ex.run_job(args.job_id) else 'already done'}")
         return 0
+    if args.command == "check":
+        _, ex = _existing_run(args, verbose=0)
+        rows = ex.status()
+        width = max(len(job_id) for job_id, _, _ in rows)
+        print(f"run directory {ex.run.root}: config valid, {len(rows)} jobs")
+        for job_id, state, detail in rows:
+            print(f"  {job_id:{width}s}  {state:8s}  {detail}".rstrip())
+        counts = {state: sum(row[1] == state for row in rows) for state in ("done", "to do", "failed", "damaged")}
+        print(", ".join(f"{n} {state}" for state, n in counts.items()))
+        if counts["damaged"]:
+            print(f"`kerasntk run {ex.run.config_path} --out {ex.run.root}` removes the damaged files and recomputes them")
+        return 1 if counts["failed"] or counts["damaged"] else 0
     if args.command == "merge":
         run = rundir.RunDir(args.run_dir)
         results.write_atomic(results.merge(run.root), run.merged)

@@ -122,6 +122,7 @@ class SpawnConfig:
     times: list = field(default_factory=list)  # spawn times; must be on the checkpoint grid (added to it)
     children: int = 3
     reset_momentum: bool = False  # ours: children start with zero momentum instead of the parent's
+    diverged: str = "fail"  # a child whose loss diverges: "fail" stops the run, "record" keeps it as a result (NaN metrics)
 
 
 @dataclass
@@ -340,6 +341,7 @@ def validate(config):
     for i, time in enumerate(s.times):
         parse_duration(time, f"spawn.times[{i}]")
     _check(_is_int(s.children) and s.children >= 1, "spawn.children", s.children, "an integer >= 1 (>= 2 for pairs)")
+    _check(s.diverged in ("fail", "record"), "spawn.diverged", s.diverged, "fail, record")
     n = config.ntk
     _check(n.implementation in NTK_IMPLEMENTATIONS, "ntk.implementation", n.implementation, ", ".join(NTK_IMPLEMENTATIONS))
     _check(_is_int(n.probe_size) and n.probe_size > 1, "ntk.probe_size", n.probe_size, "an integer > 1")

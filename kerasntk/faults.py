@@ -1,9 +1,10 @@
-"""Fault injection at named points, for tests of preemption and worker death (off unless the environment asks).
+"""Fault injection at named points, for tests of preemption, worker death and divergence (off unless the environment asks).
 
     KERASNTK_FAULT_STEP=s        fire at the first chunk boundary at or after optimizer step s
     KERASNTK_FAULT_SIGNAL=TERM   the signal the process sends itself: TERM (a preemption) or KILL (a dead worker)
     KERASNTK_FAULT_JOB=id        only in the job with this id (e.g. child/s00000004_c0); default: any job
     KERASNTK_FAULT_ONCE=path     fire only if `path` does not exist, and create it first (once across retries)
+    KERASNTK_FAULT_DIVERGE=id    the trainer of job `id` sees a non-finite loss at its first chunk
 """
 
 import os
@@ -24,3 +25,9 @@ def at_step(job, step):
             return
     env.pop("KERASNTK_FAULT_STEP")
     os.kill(os.getpid(), getattr(signal, f"SIG{env.get('KERASNTK_FAULT_SIGNAL', 'TERM')}"))
+
+
+def diverges(job):
+    """Whether the job named `job` should see a non-finite training loss (KERASNTK_FAULT_DIVERGE=id): a
+    divergence for tests of the `Diverged` path, without a learning rate that happens to blow up."""
+    return os.environ.get("KERASNTK_FAULT_DIVERGE") == job

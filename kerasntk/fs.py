@@ -13,6 +13,7 @@ TensorFlow checkpoints and NetCDF files are written to local temporary paths and
 """
 
 import contextlib
+import hashlib
 import json
 import os
 import posixpath
@@ -120,11 +121,21 @@ def local_dir(path):
         yield local
 
 
+class Damaged(OSError):
+    """A file or checkpoint that does not match the size or checksum recorded when it was written."""
+
+    def __init__(self, path, problem, remedy=""):
+        self.path, self.problem, self.remedy = os.fspath(path), problem, remedy
+        super().__init__(f"{self.path} is damaged ({problem})" + (f"; {remedy}" if remedy else ""))
+
+
 @contextlib.contextmanager
-def atomic_file(path):
+def atomic_file(path, sealed=False):
     """Yield a local temporary file path to write; on success it becomes `path` whole, on failure it is removed.
 
     POSIX: the temporary file sits beside `path` and is renamed over it. Object store: it is uploaded once.
+    sealed: also record the file's SHA-256 in `path.sha256` (the format `sha256sum -c` reads), written after
+    the file, so the seal marks it complete and `verify` can tell a damaged copy.
     """
     path = os.fspath(path)
     remote = is_remote(path)
@@ -135,6 +146,8 @@ def atomic_file(path):
     os.close(fd)
     try:
         yield tmp
+        if sealed:
+            remove(path + SEAL)  # a stale seal must not vouch for the new file while it is being renamed in
         if remote:
             fs, p = _fs(path)
             fs.put_file(tmp, p)
@@ -144,9 +157,42 @@ def atomic_file(path):
             os.chmod(tmp, 0o644)
             os.replace(tmp, path)
             _fsync_dir(directory)
+        if sealed:
+            with atomic_file(path + SEAL) as seal, open(seal, "w") as f:
+                f.write(f"{sha256(tmp if remote else path)}  {_basename(path)}\n")
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
+
+
+SEAL = ".sha256"
+
+
+def is_sealed(path):
+    """Whether `path` was written whole with `atomic_file(path, sealed=True)` (its seal exists)."""
+    return exists(os.fspath(path) + SEAL)
+
+
+def seal_problem(path):
+    """What is wrong with sealed file `path` (missing, no seal, a checksum that differs), or None when intact."""
+    path = os.fspath(path)
+    if not exists(path):
+        return "the file is missing"
+    if not exists(path + SEAL):
+        return f"its checksum record {_basename(path)}{SEAL} is missing"
+    with open_file(path + SEAL, "r") as f:
+        recorded = f.read().split()[:1]
+    if recorded != [sha256(path)]:
+        return "its SHA-256 differs from the one recorded when it was written"
+    return None
+
+
+def verify(path):
+    """Raise `Damaged` if file `path` has a seal it does not match (unsealed files pass: a user's own)."""
+    if exists(os.fspath(path) + SEAL):
+        problem = seal_problem(path)
+        if problem:
+            raise Damaged(path, problem)
 
 
 @contextlib.contextmanager
@@ -189,13 +235,33 @@ def read_json(path):
 
 
 def save_npy(path, array):
-    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+    """Write `array` to `path` as .npy, sealed (see `atomic_file`)."""
+    with atomic_file(path, sealed=True) as tmp, open(tmp, "wb") as f:
         np.save(f, np.asarray(array))
 
 
 def load_npy(path):
+    """The array at `path`, verified against its seal (`Damaged` otherwise)."""
+    verify(path)
     with open_file(path, "rb") as f:
         return np.load(f)
+
+
+def sha256(path):
+    """Hex SHA-256 of the file at `path`, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open_file(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def size(path):
+    """Size in bytes of the file at `path`."""
+    if not is_remote(path):
+        return os.path.getsize(path)
+    fs, p = _fs(path)
+    return fs.size(p)
 
 
 # -- internals ---------------------------------------------------------------------------------------------

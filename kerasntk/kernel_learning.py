@@ -13,6 +13,7 @@ import tensorflow as tf
 from kerasntk import config as cfg
 from kerasntk import data, landscape
 from kerasntk.linearized import linearize
+from kerasntk.training import Diverged
 
 
 def validation_split(arrays, n, seed):
@@ -49,7 +50,10 @@ def fit_linearized(model, weights, arrays, config, job, strategy, verbose=1):
         batches = data.train_batches(train_arrays, batch_size=lc.batch_size, epoch=epoch,
                                      order_seed=config.train.data_seed, augment_seed=config.train.augment_seed,
                                      augment=config.data.augment)
-        lin.fit(batches, epochs=1, shuffle=False, verbose=0)
+        loss = lin.fit(batches, epochs=1, shuffle=False, verbose=0).history["loss"][-1]
+        if not np.isfinite(loss):  # checked once per epoch: a NaN model must not be measured or checkpointed
+            raise Diverged(f"the linearized network of {job.path} has a non-finite training loss in epoch "
+                           f"{epoch + 1}; lower linearize.lr")
         test = landscape.evaluate(lin, None, arrays.x_test, arrays.y_test)
         val = landscape.evaluate(lin, None, x_val, y_val)
         history.append(dict(epoch=epoch + 1, test_error=test["error"], test_loss=test["loss"],

@@ -159,13 +159,14 @@ def pair_dataset(step, time, pairs, metrics, alphas, curves, attrs=None):
 
 
 def write_atomic(ds, path):
-    """Write `ds` as NetCDF4 to `path` (local or gs://) so that `path` is never half-written (`fs.atomic_file`)."""
-    with fs.atomic_file(path) as tmp:
+    """Write `ds` as NetCDF4 to `path` (local or gs://), never half-written and sealed with its SHA-256 (`fs.atomic_file`)."""
+    with fs.atomic_file(path, sealed=True) as tmp:
         ds.to_netcdf(tmp, engine=ENGINE, encoding=_encoding(ds))
 
 
 def load(path):
-    """A NetCDF file (local or gs://) loaded into memory."""
+    """A NetCDF file (local or gs://) loaded into memory, verified against its seal if it has one."""
+    fs.verify(path)
     with fs.local_path(path) as local:
         return xr.load_dataset(local, engine=ENGINE)
 

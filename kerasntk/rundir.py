@@ -54,7 +54,9 @@ class JobDir:
         if not fs.exists(fs.join(target, META)):
             with fs.atomic_dir(target, META) as tmp:
                 checkpoint.write(os.path.join(tmp, _PREFIX))
-                fs.write_json(os.path.join(tmp, META), dict(meta, step=int(step)))
+                files = {name: dict(bytes=fs.size(os.path.join(tmp, name)), sha256=fs.sha256(os.path.join(tmp, name)))
+                         for name in sorted(os.listdir(tmp))}
+                fs.write_json(os.path.join(tmp, META), dict(meta, step=int(step), files=files))
         if kind == "resume":
             for old in self.checkpoint_steps("resume"):
                 if old < step:
@@ -69,6 +71,20 @@ class JobDir:
 
     def meta(self, step, kind="checkpoints"):
         return fs.read_json(fs.join(self._checkpoint(step, kind), META))
+
+    def damaged(self):
+        """(path, problem) of every checkpoint of this job (grid and resume) that fails its recorded sizes and
+        checksums."""
+        found = []
+        for kind in ("checkpoints", "resume"):
+            for step in self.checkpoint_steps(kind):
+                problem = checkpoint_problem(self._checkpoint(step, kind))
+                if problem:
+                    found.append((self._checkpoint(step, kind), problem))
+        return found
+
+    def remove_checkpoint(self, step, kind="checkpoints"):
+        fs.remove(self._checkpoint(step, kind))
 
     def latest_resume(self):
         """Step of the latest complete resume checkpoint, or None."""
@@ -85,6 +101,15 @@ class JobDir:
 
     def write_history(self, history):
         fs.write_json(fs.join(self.path, "history.json"), history)
+
+    def write_divergence(self, record):
+        """Record that this job's training diverged (kept as a result, spawn.diverged=record)."""
+        fs.write_json(fs.join(self.path, "diverged.json"), record)
+
+    def divergence(self):
+        """The divergence record of this job, or None."""
+        path = fs.join(self.path, "diverged.json")
+        return fs.read_json(path) if fs.exists(path) else None
 
     def kernel_path(self, step):
         return fs.join(self.path, "kernels", f"step_{int(step):08d}.npy")
@@ -177,6 +202,24 @@ class RunDir:
     def data_file(self):
         return fs.join(self.root, "data.npz")
 
+    # -- failed jobs -----------------------------------------------------------------------------------------
+
+    def failure_path(self, job_id):
+        """RUN/failed/<job id>.json: why a job failed (kept until it succeeds), for `kerasntk run` and `check`."""
+        return fs.join(self.root, "failed", job_id.replace("/", "_") + ".json")
+
+    def mark_failed(self, job_id, error):
+        fs.write_json(self.failure_path(job_id), dict(job=job_id, error=type(error).__name__, message=str(error)))
+
+    def clear_failed(self, job_id):
+        fs.remove(self.failure_path(job_id))
+
+    def failures(self):
+        """{job id: the stored failure} of the jobs that failed and have not succeeded since."""
+        folder = fs.join(self.root, "failed")
+        stored = [fs.read_json(fs.join(folder, n)) for n in fs.listdir(folder) if n.endswith(".json") and not n.startswith(".")]
+        return {f["job"]: f for f in stored}
+
     @property
     def merged(self):
         return fs.join(self.root, "results.nc")
@@ -192,14 +235,41 @@ def is_checkpoint_dir(path):
 
 
 def read_checkpoint_dir(checkpoint, path, partial=False):
-    """Restore `checkpoint` (a tf.train.Checkpoint) from checkpoint directory `path` (local or gs://);
-    `partial` allows objects the file lacks or `checkpoint` does not track."""
+    """Restore `checkpoint` (a tf.train.Checkpoint) from checkpoint directory `path` (local or gs://), verified
+    first (`fs.Damaged` when a file fails its recorded size or checksum); `partial` allows objects the file
+    lacks or `checkpoint` does not track."""
     with fs.local_dir(path) as local:
+        problem = _checkpoint_problem(local)
+        if problem:
+            raise fs.Damaged(path, problem)
         status = checkpoint.read(os.path.join(local, _PREFIX))
         if partial:
             status.expect_partial()
         else:
             status.assert_existing_objects_matched()
+
+
+def checkpoint_problem(path):
+    """What is wrong with checkpoint directory `path` against the sizes and SHA-256 sums its meta.json records,
+    or None when it is intact (checkpoints written before kerasntk recorded them pass)."""
+    with fs.local_dir(path) as local:
+        return _checkpoint_problem(local)
+
+
+def _checkpoint_problem(local):
+    try:
+        recorded = fs.read_json(os.path.join(local, META)).get("files", {})
+    except (OSError, ValueError) as err:
+        return f"{META} cannot be read: {err}"
+    for name, want in recorded.items():
+        path = os.path.join(local, name)
+        if not os.path.exists(path):
+            return f"{name} is missing"
+        if os.path.getsize(path) != want["bytes"]:
+            return f"{name} has {os.path.getsize(path)} bytes where {want['bytes']} were written"
+        if fs.sha256(path) != want["sha256"]:
+            return f"{name} differs from its SHA-256 recorded when it was written"
+    return None
 
 
 def is_run_dir(path):

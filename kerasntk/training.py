@@ -92,14 +92,17 @@ class Trainer:
 
     # -- state -------------------------------------------------------------------------------------------
 
-    def restore(self, start_from=None, reset_momentum=False):
-        """Resume from this job's latest resume checkpoint; else start from `start_from` (a (JobDir, step)
-        grid checkpoint, e.g. the parent's at a spawn time); else from init. Returns the step."""
-        latest = self.job.latest_resume()
-        if latest is not None:
-            meta = self.job.read_checkpoint(self.checkpoint, latest, kind="resume")
+    def restore(self, start_from=None, reset_momentum=False, before=None):
+        """Resume from this job's latest checkpoint (resume or grid) at or before step `before` (default: any);
+        else start from `start_from` (a (JobDir, step) grid checkpoint, e.g. the parent's at a spawn time); else
+        from init. Returns the step. (`before` re-creates a missing grid checkpoint from the one preceding it.)"""
+        own = [(step, kind) for kind in ("checkpoints", "resume") for step in self.job.checkpoint_steps(kind)
+               if before is None or step <= before]
+        if own:
+            step, kind = max(own)
+            meta = self.job.read_checkpoint(self.checkpoint, step, kind=kind)
             self._partial = np.array(meta.get("epoch_totals", [0.0, 0.0, 0.0]))
-            self.history = [h for h in self.job.read_history() if h["step"] <= self.step]
+            self.history = self.job.read_history()
             log.info("%s: resumed at step %d", self.name, self.step)
         elif start_from:
             source, step = start_from
@@ -116,14 +119,15 @@ class Trainer:
 
     def _save_resume(self):
         self.job.write_history(self.history)
-        self.job.save_checkpoint(self.checkpoint, self.step, dict(self._meta(), epoch_totals=self._partial.tolist()),
-                                 kind="resume")
+        self.job.save_checkpoint(self.checkpoint, self.step, self._meta(), kind="resume")
 
     def _meta(self):
+        """A checkpoint's metadata: time, data position, learning rate and the running epoch's partial sums (so
+        any checkpoint, grid or resume, can be resumed from)."""
         epoch, batch = divmod(self.step, self.steps_per_epoch)
         return dict(time=self.epoch(), epoch=epoch, batch=batch, data_seed=self.data_seed,
                     augment_seed=self.augment_seed, steps_per_epoch=self.steps_per_epoch,
-                    learning_rate=float(self.optimizer.learning_rate.numpy()))
+                    learning_rate=float(self.optimizer.learning_rate.numpy()), epoch_totals=self._partial.tolist())
 
     # -- the loop ----------------------------------------------------------------------------------------
 
@@ -174,7 +178,7 @@ class Trainer:
                            [("loss", totals[0] / totals[2]), ("error", 1 - totals[1] / totals[2])])
 
     def _check_finite(self, chunk, first_step):
-        if np.isfinite(chunk[0]):
+        if np.isfinite(chunk[0]) and not faults.diverges(self.name):
             self._last_finite_loss = chunk[0] / max(chunk[2], 1)
             return
         last = "none" if self._last_finite_loss is None else f"{self._last_finite_loss:.4g}"
@@ -188,7 +192,8 @@ class Trainer:
         row = dict(epoch=self.epoch(), step=self.step, lr=float(self.optimizer.learning_rate.numpy()),
                    train_loss=totals[0] / max(totals[2], 1), train_error=1 - totals[1] / max(totals[2], 1),
                    test_loss=test["loss"], test_error=test["error"], wall_time=time.time())
-        self.history.append(row)
+        # one row per epoch end, replacing a row of the same step (a resumed job recomputes the same row)
+        self.history = sorted([h for h in self.history if h["step"] != row["step"]] + [row], key=lambda h: h["step"])
         if verbose:
             print(f"epoch {self.epoch():g}/{self.epoch(self.total_steps):g}: "
                   f"train loss {row['train_loss']:.4f} error {row['train_error']:.4f} | "

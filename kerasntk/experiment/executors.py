@@ -7,25 +7,33 @@ while a job that raises (bad data, a diverged loss) stops the graph: what finish
 continues. Merge and report run on the driver.
 """
 
+import contextlib
 import json
+import logging
 import os
 import time
 
 from kerasntk.experiment import jobs as graph
 from kerasntk.experiment.progress import Progress
 
+log = logging.getLogger(__name__)
+
 
 class JobFailed(RuntimeError):
     """A job of the graph raised; the message names the job and the cause in one line."""
 
     def __init__(self, job_id, cause):
+        from kerasntk import errors
+
         self.job_id, self.cause = job_id, cause
-        super().__init__(f"job {job_id} failed: {type(cause).__name__}: {cause}")
+        kind = "" if errors.os_error(cause) else f"{type(cause).__name__}: "
+        super().__init__(f"job {job_id} failed: {kind}{errors.one_line(cause)}")
 
 
 def run_local(experiment):
     """Run every job of `experiment` that is not done, in graph order, in this process."""
     progress = Progress(experiment.jobs, verbose=experiment.verbose)
+    _check_run_dir(experiment)
     for job in experiment.jobs:
         if graph.is_done(job, experiment.run, experiment.grid):
             progress.skipped(job)
@@ -68,6 +76,7 @@ def _drive(driver, remote, config_dict, verbose, slots):
     import ray
 
     progress = Progress(driver.jobs, slots=slots, verbose=verbose)
+    _check_run_dir(driver)
     done, pending = set(), {}
     for job in driver.jobs:
         if graph.is_done(job, driver.run, driver.grid):
@@ -90,12 +99,22 @@ def _drive(driver, remote, config_dict, verbose, slots):
         try:
             seconds = ray.get(ready[0])
         except ray.exceptions.RayError as err:  # an application error, or retries exhausted
-            progress.failed_job(job)
             for ref in pending:
                 ray.cancel(ref, force=True)
-            raise JobFailed(job.id, _cause(err)) from None
+            raise _failed(driver, job, _cause(err), progress) from None
         done.add(job.id)
+        driver.run.clear_failed(job.id)
         progress.finished(job, seconds)
+
+
+def _check_run_dir(experiment):
+    """Before running: remove damaged checkpoints and results (their jobs run again) and name the jobs that
+    failed in an earlier run (they run again too: a full disk may be fixed, a divergence recurs)."""
+    for line in experiment.repair():
+        log.warning(line)
+    for job_id, failure in experiment.run.failures().items():
+        log.warning("job %s failed in an earlier run (%s: %s); running it again", job_id, failure["error"],
+                    failure["message"])
 
 
 def _run_here(experiment, job, progress):
@@ -107,9 +126,17 @@ def _run_here(experiment, job, progress):
     except Preempted:
         raise
     except Exception as err:
-        progress.failed_job(job)
-        raise JobFailed(job.id, err) from err
+        raise _failed(experiment, job, err, progress) from err
+    experiment.run.clear_failed(job.id)
     progress.finished(job)
+
+
+def _failed(experiment, job, error, progress):
+    """`JobFailed` for `job`, recorded in the run directory (RUN/failed/) when that can still be written."""
+    progress.failed_job(job)
+    with contextlib.suppress(OSError):  # the failure may be the run directory itself (full, read-only)
+        experiment.run.mark_failed(job.id, error)
+    return JobFailed(job.id, error)
 
 
 def _run_job_in_worker(run_dir, job_id, config_dict):

@@ -11,7 +11,7 @@ import numpy as np
 import tensorflow as tf
 
 from kerasntk import config as cfg
-from kerasntk import data, fs, kernel_learning, landscape, models, ntk, plots, results, training
+from kerasntk import data, fs, kernel_learning, landscape, models, ntk, plots, results, rundir, training
 from kerasntk.experiment import jobs as graph
 from kerasntk.experiment.grid import Grid
 from kerasntk.rundir import RunDir
@@ -82,8 +82,59 @@ class Experiment:
         body = dict(parent=self.train_parent, measure_parent=self.measure_parent, linearized=self.run_linearized,
                     child=self.run_child, pairs=self.measure_pairs, merge=self.merge, report=self.report)[job.kind]
         args = [a for a in (job.step, job.child) if a is not None]
-        body(*args)
+        try:
+            body(*args)
+        except fs.Damaged as err:
+            raise fs.Damaged(err.path, err.problem, self._remedy(err.path)) from None
         return True
+
+    def repair(self):
+        """Remove every damaged checkpoint and result of this run directory (failing the size or checksum recorded
+        when it was written), so the job that wrote it runs again; one line per file says which. Training
+        checkpoints are recomputed bitwise only under train.deterministic; otherwise a damaged one is an error."""
+        lines = []
+        for job in self.jobs:
+            for path, problem in graph.damaged(job, self.run, self.grid):
+                if not self.config.train.deterministic and rundir.is_checkpoint_dir(path):
+                    raise fs.Damaged(path, problem, "train.deterministic is false, so it cannot be recomputed as it "
+                                     "was; start a new run directory (--out)")
+                fs.remove(path)
+                fs.remove(path + fs.SEAL)
+                lines.append(f"{path} was damaged ({problem}): removed, job {job.id} recomputes it")
+        return lines
+
+    def status(self):
+        """(job id, state, detail) for every job that leaves files: "damaged" (its damaged files and their
+        problems), "failed" (the stored error), "done" or "to do"; then the merged results file's seal."""
+        failures = self.run.failures()
+        rows = []
+        for job in self.jobs:
+            if job.always:
+                continue
+            damage = graph.damaged(job, self.run, self.grid)
+            if damage:
+                rows.append((job.id, "damaged", "; ".join(f"{self._relative(p)}: {why}" for p, why in damage)))
+            elif job.id in failures:
+                rows.append((job.id, "failed", f"{failures[job.id]['error']}: {failures[job.id]['message']}"))
+            else:
+                rows.append((job.id, "done" if graph.is_done(job, self.run, self.grid) else "to do", ""))
+        if fs.is_sealed(self.run.merged):
+            problem = fs.seal_problem(self.run.merged)
+            rows.append(("merge", "damaged" if problem else "done", problem or ""))
+        return rows
+
+    def _relative(self, path):
+        return path[len(self.run.root):].lstrip("/") if path.startswith(self.run.root) else path
+
+    def _remedy(self, path):
+        """Which job wrote `path` and the command that recomputes it."""
+        for job in self.jobs:
+            checkpoints, files = graph.outputs(job, self.run, self.grid)
+            job_dir = graph.job_dir(job, self.run)
+            if path in checkpoints + files or (job_dir and path.startswith(job_dir.path + "/")):
+                return (f"it was written by job {job.id}; `kerasntk run {self.run.config_path} --out {self.run.root}` "
+                        "removes it and recomputes it")
+        return f"`kerasntk check {self.run.root}` lists what is damaged"
 
     # parent -----------------------------------------------------------------------------------------------
 
@@ -91,10 +142,11 @@ class Experiment:
         """Train (or resume) the parent, saving every grid checkpoint."""
         parent = training.build_trainer(self.config, self.arrays, self.grid, self.run.parent, self.strategy,
                                         name="parent")
-        parent.restore()
-        self._say(f"parent: training to {self.grid.total} steps, {len(self.grid.checkpoints)} checkpoints")
-        parent.train(save_steps=self.grid.checkpoints, verbose=self.verbose)
-        parent.save_grid_checkpoint()
+        missing = [s for s in self.grid.checkpoints if not self.run.parent.has_checkpoint(s)]
+        parent.restore(before=missing[0])  # a grid checkpoint removed as damaged is re-created from the one before
+        self._say(f"parent: training to step {missing[-1]} of {self.grid.total}, "
+                  f"{len(missing)} of {len(self.grid.checkpoints)} checkpoints to write")
+        parent.train(until=missing[-1], save_steps=self.grid.checkpoints, verbose=self.verbose)
 
     def weights_at(self, job_dir, step):
         """Model weights (model.weights order) of the grid checkpoint of `job_dir` (a JobDir) at `step`."""
@@ -103,7 +155,7 @@ class Experiment:
 
     def kernel(self, weights, cache_path=None):
         """The probe-set trace NTK (N, N) of `weights`, cached as .npy when `cache_path` is given."""
-        if cache_path and fs.exists(cache_path):
+        if cache_path and fs.is_sealed(cache_path) and not fs.seal_problem(cache_path):
             return fs.load_npy(cache_path)
         self.model.set_weights(weights)
         if self._ntk_fn is None:  # one function for every checkpoint: traced once, blocks spread over replicas
@@ -177,8 +229,13 @@ class Experiment:
                                          augment_seed=augment_seed, name=graph.job_id("child", step, child))
         trainer.restore(start_from=(self.run.parent, step), reset_momentum=self.config.spawn.reset_momentum)
         self._say(f"child {child} spawned at epoch {self.grid.epochs(step):g}: training to the end")
-        trainer.train(save_steps=[trainer.total_steps], verbose=self.verbose)
-        trainer.save_grid_checkpoint()
+        try:
+            trainer.train(save_steps=[trainer.total_steps], verbose=self.verbose)
+        except training.Diverged as err:
+            if self.config.spawn.diverged != "record":
+                raise
+            self._record_diverged_child(step, child, err, trainer.epoch())
+            return
         w = trainer.model.get_weights()
         final = self.grid.total
         parent_final = self.weights_at(self.run.parent, final)
@@ -190,20 +247,36 @@ class Experiment:
             parent_kernel = self.kernel(parent_final, self.run.parent.kernel_path(final))
             metrics["kernel_distance_to_parent"] = ntk.kernel_distance(self.kernel(w, job.kernel_path(final)),
                                                                        parent_kernel)
+        if self.config.spawn.diverged == "record":
+            metrics["diverged"] = 0.0
+        results.write_atomic(results.child_dataset(step, self.grid.epochs(step), child, metrics, attrs=self._attrs()),
+                             self.run.result("child", step, child))
+
+    def _record_diverged_child(self, step, child, error, epoch):
+        """A diverged child as a result (spawn.diverged=record): the reason in its job directory, `diverged` = 1
+        and its epoch in `child`; every other metric of it is NaN after the merge, and so are its pairs."""
+        self._say(f"{error}; recorded as a result (spawn.diverged=record)")
+        self.run.child(step, child).write_divergence(dict(reason=str(error), epoch=epoch))
+        metrics = dict(diverged=1.0, diverged_at_epoch=epoch)
         results.write_atomic(results.child_dataset(step, self.grid.epochs(step), child, metrics, attrs=self._attrs()),
                              self.run.result("child", step, child))
 
     def measure_pairs(self, step):
         """pair(time, pair, metric) and path(time, pair, alpha, metric) between the children of one spawn."""
         children, final = self.config.spawn.children, self.grid.total
-        missing = [c for c in range(children) if not fs.exists(self.run.result("child", step, c))]
+        missing = [c for c in range(children) if not fs.is_sealed(self.run.result("child", step, c))]
         if missing:
             raise cfg.ConfigError(f"pairs of spawn step {step}: children {missing} have not finished; run them first "
                                   f"(kerasntk spawn {self.run.root} --time {step}it --child C)")
-        weights = [self.weights_at(self.run.child(step, c), final) for c in range(children)]
+        diverged = {c for c in range(children) if self.run.child(step, c).divergence()}
+        weights = {c: self.weights_at(self.run.child(step, c), final) for c in range(children) if c not in diverged}
         pairs = [(a, b) for a in range(children) for b in range(a + 1, children)]
         rows, curves = [], []
         for a, b in pairs:
+            if {a, b} & diverged:  # filled with NaN below
+                rows.append(None)
+                curves.append(None)
+                continue
             self._say(f"spawn epoch {self.grid.epochs(step):g}: comparing children {a} and {b}")
             scalars, curve = self._compare(weights[a], weights[b])
             if self.config.ntk.enabled:
@@ -211,8 +284,11 @@ class Experiment:
                 scalars["kernel_distance"] = ntk.kernel_distance(ka, kb)
             rows.append(scalars)
             curves.append(curve)
-        metrics = {k: np.array([r[k] for r in rows]) for k in rows[0]}
-        curve_arrays = {k: np.stack([c[k] for c in curves]) for k in curves[0]}
+        names = next((r for r in rows if r), {"error_barrier": None})  # a merge fills the other metrics with NaN
+        curve_names = next((c for c in curves if c), {"test_error": None})
+        nan_curve = np.full(len(self._alphas()), np.nan)
+        metrics = {k: np.array([r[k] if r else np.nan for r in rows]) for k in names}
+        curve_arrays = {k: np.stack([c[k] if c else nan_curve for c in curves]) for k in curve_names}
         results.write_atomic(results.pair_dataset(step, self.grid.epochs(step), pairs, metrics, self._alphas(),
                                                   curve_arrays, attrs=self._attrs()), self.run.result("pair", step))
 
@@ -238,7 +314,7 @@ class Experiment:
     # merged results -----------------------------------------------------------------------------------------
 
     def merge(self):
-        """RUN/results.nc from every job file; returns the merged Dataset."""
+        """RUN/results.nc from every job file (each verified against its seal); returns the merged Dataset."""
         merged = results.merge(self.run.root)
         results.write_atomic(merged, self.run.merged)
         return merged

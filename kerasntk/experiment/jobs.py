@@ -4,12 +4,13 @@
             ├─ linearized(t)            for t in linearize   ├─ merge ── report
             └─ child(t, c) ── pairs(t)  for t in spawn       ┘
 
-A job is done when its marker, the file it writes last, exists in the run directory (`is_done`).
+A job is done when all its outputs are complete in the run directory (`is_done`): checkpoints with their
+meta.json, result files with their seal.
 """
 
 import dataclasses
 
-from kerasntk import fs
+from kerasntk import fs, rundir
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,15 +56,48 @@ def job_graph(config, grid):
     return jobs
 
 
+def job_dir(job, run):
+    """The `JobDir` of a training job (parent, child, linearized) in RunDir `run`; None for the others."""
+    if job.kind == "parent":
+        return run.parent
+    if job.kind == "child":
+        return run.child(job.step, job.child)
+    return run.linearized(job.step) if job.kind == "linearized" else None
+
+
+def outputs(job, run, grid):
+    """(checkpoint directories, sealed files) that `job` leaves in RunDir `run`: every grid checkpoint of the
+    parent; a child's final checkpoint (none when it diverged and was recorded) and result; a measurement's
+    result file. Merge and report leave nothing that counts: they always run."""
+    if job.always:
+        return [], []
+    kind = {"measure_parent": "parent", "pairs": "pair"}.get(job.kind, job.kind)
+    files = [] if job.kind == "parent" else [run.result(kind, job.step, job.child)]
+    if job.kind == "parent":
+        return [run.parent.checkpoint_path(s) for s in grid.checkpoints], files
+    if job.kind == "child" and not job_dir(job, run).divergence():
+        return [job_dir(job, run).checkpoint_path(grid.total)], files
+    return [], files
+
+
 def is_done(job, run, grid):
-    """Whether `job`'s marker exists in RunDir `run`: the parent's final grid checkpoint, a measurement's
-    result file. Merge and report are never done: they are cheap and follow every job that ran before them."""
+    """Whether every output of `job` is complete in RunDir `run` (a checkpoint's meta.json, a file's seal).
+    Merge and report are never done: they are cheap and follow every job that ran before them."""
     if job.always:
         return False
-    if job.kind == "parent":
-        return run.parent.has_checkpoint(grid.total)
-    kind = {"measure_parent": "parent", "pairs": "pair"}.get(job.kind, job.kind)
-    return fs.exists(run.result(kind, job.step, job.child))
+    checkpoints, files = outputs(job, run, grid)
+    return all(map(rundir.is_checkpoint_dir, checkpoints)) and all(map(fs.is_sealed, files))
+
+
+def damaged(job, run, grid):
+    """(path, problem) of `job`'s checkpoints (grid and resume) and sealed files that fail the sizes and
+    checksums recorded when they were written."""
+    found = job_dir(job, run).damaged() if job_dir(job, run) else []
+    for path in outputs(job, run, grid)[1]:
+        problem = fs.seal_problem(path) if fs.is_sealed(path) else None
+        if problem:
+            found.append((path, problem))
+    return found
 
 
 def by_id(jobs, job_id):
