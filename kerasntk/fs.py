@@ -145,7 +145,12 @@ def atomic_file(path, sealed=False):
     fd, tmp = tempfile.mkstemp(prefix=f".{_basename(path)}.", suffix=".tmp" + os.path.splitext(path)[1], dir=directory)
     os.close(fd)
     try:
-        yield tmp
+        try:
+            yield tmp
+        except OSError as err:  # a write that failed in the caller (a full disk): name the file it was for
+            if err.filename is None and err.errno:
+                raise OSError(err.errno, err.strerror, path) from err
+            raise
         if sealed:
             remove(path + SEAL)  # a stale seal must not vouch for the new file while it is being renamed in
         if remote:

@@ -35,6 +35,8 @@ METRICS = {
     "train_error": ("0-1 error on the training set", "1"),
     "train_loss": ("mean cross-entropy on the training set (nats)", "1"),
     "learning_rate": ("learning rate of the optimizer", "1"),
+    "diverged": ("1 when the training loss became non-finite (spawn.diverged=record), else 0", "1"),
+    "diverged_at_epoch": ("time in epochs at which the training loss became non-finite", "1"),
     "kernel_velocity": ("NTK velocity S(K_t, K_t+dt) / dt", "epoch-1"),
     "kernel_velocity_per_lr": ("NTK velocity divided by the learning rate", "epoch-1"),
     "kernel_distance_from_init": ("NTK distance S(K_0, K_t) from the initial kernel", "1"),

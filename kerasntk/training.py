@@ -125,9 +125,11 @@ class Trainer:
         """A checkpoint's metadata: time, data position, learning rate and the running epoch's partial sums (so
         any checkpoint, grid or resume, can be resumed from)."""
         epoch, batch = divmod(self.step, self.steps_per_epoch)
+        ended = batch == 0 or self.step == self.total_steps  # the next step starts an epoch: nothing running
         return dict(time=self.epoch(), epoch=epoch, batch=batch, data_seed=self.data_seed,
                     augment_seed=self.augment_seed, steps_per_epoch=self.steps_per_epoch,
-                    learning_rate=float(self.optimizer.learning_rate.numpy()), epoch_totals=self._partial.tolist())
+                    learning_rate=float(self.optimizer.learning_rate.numpy()),
+                    epoch_totals=[0.0, 0.0, 0.0] if ended else self._partial.tolist())
 
     # -- the loop ----------------------------------------------------------------------------------------
 

@@ -1,4 +1,6 @@
-"""Helpers shared by the test modules: synthetic data and the tiny experiment's config."""
+"""Helpers shared by the test modules: synthetic data, the tiny experiment's config, what a run left."""
+
+import pathlib
 
 import numpy as np
 
@@ -31,3 +33,33 @@ def write_npz(path, arrays):
 def tiny(npz, *extra):
     """The tiny experiment's overrides on the .npz at `npz` (256 train / 64 test examples of shape (16, 1))."""
     return TINY + [f"data.path={npz}", *extra]
+
+
+def result_arrays(path):
+    """The merged results file's data variables as numpy arrays, for exact comparisons between runs."""
+    from kerasntk import results
+
+    ds = results.load(path)
+    return {name: ds[name].values for name in ("parent", "child", "pair", "path", "kernel_distance")}
+
+
+def temporary_files(root):
+    """kerasntk's temporary files (`fs.atomic_file`/`atomic_dir` names) left anywhere under `root`."""
+    return [str(p) for p in pathlib.Path(root).rglob("*") if ".tmp" in p.name]
+
+
+def checkpoint_values(run_dir):
+    """{checkpoint file prefix: its tensors and its meta.json without the file checksums} of every grid checkpoint
+    under `run_dir`: what must be equal between two runs (the files' bytes also hold TensorFlow's object graph,
+    whose layer names depend on how many models a process built before)."""
+    import json
+
+    import tensorflow as tf
+
+    values = {}
+    for meta in sorted(pathlib.Path(run_dir).rglob("checkpoints/*/meta.json")):
+        reader = tf.train.load_checkpoint(str(meta.parent / "ckpt"))
+        names = sorted(n for n in reader.get_variable_to_shape_map() if n != "_CHECKPOINTABLE_OBJECT_GRAPH")
+        stored = {k: v for k, v in json.loads(meta.read_text()).items() if k != "files"}
+        values[str(meta.parent.relative_to(run_dir))] = ({n: reader.get_tensor(n).tolist() for n in names}, stored)
+    return values

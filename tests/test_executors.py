@@ -1,17 +1,16 @@
 """The job graph and its executors: the graph's shape, the progress line, the Ray executor on a real local
 cluster (equal results, a killed worker retried), runs on a gs:// run directory (a local GCS emulator)."""
 
-import pathlib
 
 import numpy as np
 import pytest
 
 from kerasntk import config as cfg
-from kerasntk import experiment, fs, results
+from kerasntk import experiment, fs
 from kerasntk.experiment import Grid, JobFailed, job_graph
 from kerasntk.experiment.progress import Progress
 from gcs import gcs_bucket, gcs_dir  # noqa: F401  (fixtures)
-from helpers import tiny
+from helpers import result_arrays, temporary_files, tiny
 
 
 def test_job_graph_is_a_pure_function_of_config_and_grid(npz):
@@ -81,15 +80,6 @@ def small_run(tmp_path_factory, npz):
     return run_dir
 
 
-def _arrays(path):
-    ds = results.load(path)
-    return {name: ds[name].values for name in ("parent", "child", "pair", "path", "kernel_distance")}
-
-
-def _no_temporary_files(root):
-    return [str(p) for p in pathlib.Path(root).rglob("*") if ".tmp" in p.name]
-
-
 def test_ray_retries_a_worker_killed_mid_training(tmp_path, npz, small_run, ray_cluster, monkeypatch):
     """Every job in its own Ray worker process, two at a time, and SIGKILL of the worker running child 0 of
     spawn step 4 at step 12 of 16 (mid-epoch, after its epoch-1 resume checkpoint at step 8): Ray retries the
@@ -101,12 +91,12 @@ def test_ray_retries_a_worker_killed_mid_training(tmp_path, npz, small_run, ray_
     run_dir = tmp_path / "killed"
     ds = experiment.run(cfg.load(None, tiny(npz, *SMALL)), str(run_dir), verbose=0, executor="ray")
     assert once.exists()  # the worker was killed
-    a, b = _arrays(small_run / "results.nc"), _arrays(run_dir / "results.nc")
+    a, b = result_arrays(small_run / "results.nc"), result_arrays(run_dir / "results.nc")
     for name in a:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
     assert ds.child.sel(metric="test_error").dropna("time", how="all").time.values.tolist() == [0.5]
     assert (run_dir / "figures" / "barrier_vs_spawn_time.png").exists()
-    assert not _no_temporary_files(run_dir)
+    assert not temporary_files(run_dir)
 
 
 def test_a_failing_job_stops_the_graph_with_one_line_and_keeps_what_finished(tmp_path, npz, ray_cluster):
@@ -132,7 +122,7 @@ def test_ray_on_a_gs_run_directory_with_a_killed_worker(gcs_dir, npz, small_run,
         monkeypatch.setenv(f"KERASNTK_FAULT_{name}", value)
     experiment.run(cfg.load(None, tiny(npz, *SMALL)), gcs_dir, verbose=0, executor="ray")
     assert once.exists()
-    a, b = _arrays(small_run / "results.nc"), _arrays(fs.join(gcs_dir, "results.nc"))
+    a, b = result_arrays(small_run / "results.nc"), result_arrays(fs.join(gcs_dir, "results.nc"))
     for name in a:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
     import fsspec
@@ -159,6 +149,6 @@ def test_every_verb_on_a_gs_run_directory_equals_kerasntk_run(gcs_dir, npz, clea
     assert cli.main(["-q", "job", gcs_dir, "merge"]) == 0
     assert cli.main(["-q", "report", gcs_dir]) == 0
     assert fs.exists(fs.join(gcs_dir, "figures", "kernel_distance_matrix.png"))
-    a, b = _arrays(clean_run[1] / "results.nc"), _arrays(fs.join(gcs_dir, "results.nc"))
+    a, b = result_arrays(clean_run[1] / "results.nc"), result_arrays(fs.join(gcs_dir, "results.nc"))
     for name in a:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)

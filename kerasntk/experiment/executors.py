@@ -7,7 +7,6 @@ while a job that raises (bad data, a diverged loss) stops the graph: what finish
 continues. Merge and report run on the driver.
 """
 
-import contextlib
 import json
 import logging
 import os
@@ -101,9 +100,9 @@ def _drive(driver, remote, config_dict, verbose, slots):
         except ray.exceptions.RayError as err:  # an application error, or retries exhausted
             for ref in pending:
                 ray.cancel(ref, force=True)
-            raise _failed(driver, job, _cause(err), progress) from None
+            progress.failed_job(job)
+            raise JobFailed(job.id, _cause(err)) from None
         done.add(job.id)
-        driver.run.clear_failed(job.id)
         progress.finished(job, seconds)
 
 
@@ -126,17 +125,9 @@ def _run_here(experiment, job, progress):
     except Preempted:
         raise
     except Exception as err:
-        raise _failed(experiment, job, err, progress) from err
-    experiment.run.clear_failed(job.id)
+        progress.failed_job(job)
+        raise JobFailed(job.id, err) from err
     progress.finished(job)
-
-
-def _failed(experiment, job, error, progress):
-    """`JobFailed` for `job`, recorded in the run directory (RUN/failed/) when that can still be written."""
-    progress.failed_job(job)
-    with contextlib.suppress(OSError):  # the failure may be the run directory itself (full, read-only)
-        experiment.run.mark_failed(job.id, error)
-    return JobFailed(job.id, error)
 
 
 def _run_job_in_worker(run_dir, job_id, config_dict):

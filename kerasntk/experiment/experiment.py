@@ -5,6 +5,7 @@ run where and when is the executors' business (`experiment.executors`). Measurem
 their own; each training job builds its own model and optimizer.
 """
 
+import contextlib
 import functools
 
 import numpy as np
@@ -75,7 +76,8 @@ class Experiment:
         )
 
     def run_job(self, job):
-        """Run `job` (a `Job` or its id) unless it is done; returns True when it ran."""
+        """Run `job` (a `Job` or its id) unless it is done; returns True when it ran. A job that raises is recorded
+        in RUN/failed/ until it succeeds (`kerasntk check` lists it)."""
         job = graph.by_id(self.jobs, job) if isinstance(job, str) else job
         if graph.is_done(job, self.run, self.grid):
             return False
@@ -84,8 +86,17 @@ class Experiment:
         args = [a for a in (job.step, job.child) if a is not None]
         try:
             body(*args)
-        except fs.Damaged as err:
-            raise fs.Damaged(err.path, err.problem, self._remedy(err.path)) from None
+        except training.Preempted:
+            raise
+        except Exception as err:
+            explained = fs.Damaged(err.path, err.problem, self._remedy(err.path)) if isinstance(err, fs.Damaged) else err
+            with contextlib.suppress(OSError):  # the failure may be the run directory itself (full, read-only)
+                self.run.mark_failed(job.id, explained)
+            if explained is not err:
+                raise explained from None
+            raise
+        if not job.always:
+            self.run.clear_failed(job.id)
         return True
 
     def repair(self):
