@@ -146,7 +146,8 @@ class Experiment:
             metrics.update(kernel_metrics)
             metrics["kernel_top_eigenvalue"] = np.array([ntk.eigenvalues(k, 1)[0] for k in kernels])
         results.write_atomic(results.parent_dataset(g.checkpoints, times, metrics, kernel_distance=kernel_distance,
-                                                    attrs=self._attrs()), self.run.result("parent"))
+                                                    requested_times=g.requested, attrs=self._attrs()),
+                             self.run.result("parent"))
 
     # kernel learning --------------------------------------------------------------------------------------
 
@@ -159,6 +160,7 @@ class Experiment:
                                                  self.run.linearized(step), self.strategy, verbose=self.verbose)
         results.write_atomic(results.parent_dataset([step], [self.grid.epochs(step)],
                                                     {k: np.array([v]) for k, v in metrics.items()},
+                                                    requested_times=[self.grid.requested_time(step)],
                                                     attrs=self._attrs()), self.run.result("linearized", step))
 
     def _require_parent_checkpoint(self, step):
@@ -190,7 +192,8 @@ class Experiment:
             parent_kernel = self.kernel(parent_final, self.run.parent.kernel_path(final))
             metrics["kernel_distance_to_parent"] = ntk.kernel_distance(self.kernel(w, job.kernel_path(final)),
                                                                        parent_kernel)
-        results.write_atomic(results.child_dataset(step, self.grid.epochs(step), child, metrics, attrs=self._attrs()),
+        results.write_atomic(results.child_dataset(step, self.grid.epochs(step), child, metrics, attrs=self._attrs(),
+                                                   requested_time=self.grid.requested_time(step)),
                              self.run.result("child", step, child))
 
     def measure_pairs(self, step):
@@ -214,7 +217,8 @@ class Experiment:
         metrics = {k: np.array([r[k] for r in rows]) for k in rows[0]}
         curve_arrays = {k: np.stack([c[k] for c in curves]) for k in curves[0]}
         results.write_atomic(results.pair_dataset(step, self.grid.epochs(step), pairs, metrics, self._alphas(),
-                                                  curve_arrays, attrs=self._attrs()), self.run.result("pair", step))
+                                                  curve_arrays, requested_time=self.grid.requested_time(step),
+                                                  attrs=self._attrs()), self.run.result("pair", step))
 
     def _compare(self, w_a, w_b):
         la = self.config.landscape
