@@ -8,8 +8,8 @@ variable per metric with its own long_name and units. Missing values are NaN.
 The pair dimension is called `child_pair` (coordinates spawn_a, spawn_b): xarray cannot give a dimension
 and a multi-dimensional variable (`pair`) the same name.
 `time` is the exact time of a step in epochs; `requested_time(time)` the time the config asked for (e.g. 0.25
-where `time` is 16/62 = 0.258); every Dataset this module returns has an index on it, so
-`ds.sel(requested_time=0.25)` works (a file opened with xarray alone needs `ds.set_xindex("requested_time")`).
+where `time` is 16/62 = 0.258): `ds.set_xindex("requested_time").sel(requested_time=0.25)` selects by it
+(no index is kept on it by default: two indexes on `time` would make runs with other grids unalignable).
 Files follow CF-1.8 (`cf_check.py` in benchmarks/ runs the IOOS checker): int32 indices, no fill values on
 coordinates, UDUNITS units ("1" for epochs and every dimensionless quantity).
 """
@@ -193,9 +193,9 @@ def write_atomic(ds, path):
 
 
 def load(path):
-    """A NetCDF file (local or gs://) loaded into memory, with the `requested_time` index."""
+    """A NetCDF file (local or gs://) loaded into memory."""
     with fs.local_path(path) as local:
-        return _index_requested(xr.load_dataset(local, engine=ENGINE))
+        return xr.load_dataset(local, engine=ENGINE)
 
 
 def merge(paths_or_run_dir):
@@ -233,11 +233,11 @@ def open_runs(paths, names=None):
         raise ValueError(f"open_runs needs one or more runs with distinct names; got paths {paths}, names {names}")
     shared = {name: dim for name, dim in _LABELS.items() if name not in _PER_RUN}
     datasets = [open_run(p) for p in paths]
-    datasets = [ds.drop_indexes([n for n in ("requested_time",) if n in ds.xindexes])
-                .reset_coords([n for n in _PER_RUN if n in ds.coords]) for ds in datasets]
-    datasets, labels = _pop_labels(datasets, shared)
-    runs = xr.concat(datasets, pd.Index(names, name="run"), data_vars="all", coords="different", compat="equals",
-                     join="outer", fill_value=np.nan, combine_attrs="drop_conflicts")
+    datasets = [ds.reset_coords([n for n in _PER_RUN if n in ds.coords]) for ds in datasets]
+    datasets, labels = _pop_labels(datasets, shared, strict=False)
+    runs = xr.concat(datasets, pd.Index(np.array(names, dtype=object), name="run"), data_vars="all",
+                     coords="different", compat="equals", join="outer", fill_value={"summary_of": "none"},
+                     combine_attrs="drop_conflicts")
     runs = _put_labels(runs.set_coords([n for n in _PER_RUN if n in runs]), labels, shared)
     return _finish(runs, None)
 
@@ -263,6 +263,7 @@ def by_metric(stacked):
     ds = stacked.drop_vars(labels).isel(metric=np.flatnonzero(filled)).to_dataset(dim="metric")
     for name in ds.data_vars:
         ds[name].attrs = attrs[str(name)]
+    ds.attrs = {k: v for k, v in stacked.attrs.items() if k == "long_name"}
     return ds
 
 
@@ -376,8 +377,7 @@ def _time_coords(step, time, requested_time):
 
 
 def _finish(ds, attrs):
-    """Set long_name/units on every variable and coordinate, the global attributes, and the requested_time
-    index."""
+    """Set long_name/units on every variable and coordinate and the global attributes."""
     for name, long_name in _VARIABLES.items():
         if name in ds:
             units = _units(ds, name)
@@ -389,13 +389,6 @@ def _finish(ds, attrs):
             ds[name].attrs.update(dict(long_name=long_name, units=units) if units else dict(long_name=long_name))
     if attrs:
         ds.attrs.update(attrs)
-    return _index_requested(ds)
-
-
-def _index_requested(ds):
-    """`ds` with an index on requested_time(time), so that `ds.sel(requested_time=...)` works."""
-    if "requested_time" in ds.coords and ds["requested_time"].dims == ("time",) and "requested_time" not in ds.xindexes:
-        return ds.set_xindex("requested_time")
     return ds
 
 
@@ -446,10 +439,11 @@ def _job_paths(paths_or_run_dir):
     return sorted(paths, key=lambda p: os.path.basename(p) != "parent.nc")
 
 
-def _pop_labels(datasets, label_dims):
+def _pop_labels(datasets, label_dims, strict=True):
     """Remove the non-index coordinates `label_dims` ({coord: dim}, which an outer join would turn into
-    NaN-padded floats) and return them as {coord: {index value: label}}, checking the files agree. Files
-    written before requested_time existed count as asking for their exact times."""
+    NaN-padded floats) and return them as {coord: {index value: label}}, checking the datasets agree (where
+    they do not: an error, or with strict=False a warning and the first one's label). Files written before
+    requested_time existed count as asking for their exact times."""
     labels = {name: {} for name in label_dims}
     stripped = []
     for ds in datasets:
@@ -460,7 +454,10 @@ def _pop_labels(datasets, label_dims):
                 continue
             for key, value in zip(ds[dim].values, ds[name].values):
                 if labels[name].setdefault(key, value) != value:
-                    raise ValueError(f"job files disagree on {name} at {dim}={key!r}: {labels[name][key]} vs {value}")
+                    message = f"disagree on {name} at {dim}={key!r}: {labels[name][key]!r} vs {value!r}"
+                    if strict:
+                        raise ValueError(f"job files {message}")
+                    log.warning("runs %s; keeping the first", message)
         stripped.append(ds.drop_vars([n for n in label_dims if n in ds.coords]))
     return stripped, labels
 
