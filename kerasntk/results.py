@@ -407,11 +407,12 @@ def _units(ds, name):
 
 def _encoding(ds):
     """CF encoding: compressed float data, no fill value on coordinates, int32 integers (CF-1.8 has no int64)."""
+    int32 = np.iinfo(np.int32)
     encoding = {name: dict(_FillValue=None) for name in ds.coords}
     for name, var in ds.variables.items():
         if var.dtype.kind == "f" and name not in ds.coords:
             encoding[name] = dict(zlib=True, complevel=4)
-        elif var.dtype.kind in "iu" and var.size and np.iinfo(np.int32).min <= var.min() and var.max() <= np.iinfo(np.int32).max:
+        elif var.dtype.kind in "iu" and var.size and int32.min <= var.min() and var.max() <= int32.max:
             encoding.setdefault(name, {})["dtype"] = "int32"
     return encoding
 

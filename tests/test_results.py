@@ -285,7 +285,8 @@ def test_open_runs_joins_runs_of_different_grids_along_run(tmp_path):
     np.testing.assert_array_equal(parent.sel(run="a").values, [0.9, 0.5, np.nan, 0.3, 0.2])
     np.testing.assert_array_equal(parent.sel(run="b").values, [0.8, np.nan, 0.4, np.nan, 0.1])
     assert runs["child"].sel(run="b", time=0.5, spawn=0, metric="test_error").item() == 0.25
-    assert np.isnan(runs["pair"].sel(run="b")).all() and np.isnan(runs["parent"].sel(run="a", metric="train_loss")).all()
+    assert np.isnan(runs["pair"].sel(run="b")).all()
+    assert np.isnan(runs["parent"].sel(run="a", metric="train_loss")).all()
     np.testing.assert_array_equal(runs["step"].sel(run="b").values, [0, np.nan, 31, np.nan, 248])
     assert runs["step"].dims == ("run", "time") and runs["metric_units"].dims == ("metric",)
     assert runs.attrs == dict(title="run")  # the attributes the runs share; their configs differ
@@ -315,6 +316,9 @@ def test_by_metric_gives_variables_pint_can_quantify(monkeypatch):
 def test_a_run_passes_the_cf_checker_but_for_the_documented_time_axis(clean_run):
     """The IOOS checker (offline, ~1 s) on a tiny experiment's results.nc: no high-priority failure but
     §5.1, which CF's reading of a dimension called `time` as calendar time forces (README "Results")."""
-    scored, possible, failures, _ = cf_check.check(str(clean_run[1] / "results.nc"))
+    path = clean_run[1] / "results.nc"
+    scored, possible, failures, _ = cf_check.check(str(path))
     assert set(failures) == set(cf_check.FORCED), failures
     assert scored >= possible - 5  # §5.1 is worth 5 points
+    quantified = xr.open_dataset(path).pint.quantify()  # every unit in the file is one pint reads
+    assert {str(v.pint.units) for v in quantified.data_vars.values()} == {"dimensionless"}
