@@ -3,9 +3,15 @@ merging job files into one Dataset, and the correlation of metrics across spawn 
 
 Stacked variables `parent(time, metric)`, `child(time, spawn, metric)`, `pair(time, child_pair, metric)` and
 `path(time, child_pair, alpha, metric)` hold metrics of different units; each metric's description and units
-are the coordinates `metric_long_name(metric)` and `metric_units(metric)`. Missing values are NaN.
+are the coordinates `metric_long_name(metric)` and `metric_units(metric)`; `by_metric` splits them into one
+variable per metric with its own long_name and units. Missing values are NaN.
 The pair dimension is called `child_pair` (coordinates spawn_a, spawn_b): xarray cannot give a dimension
 and a multi-dimensional variable (`pair`) the same name.
+`time` is the exact time of a step in epochs; `requested_time(time)` the time the config asked for (e.g. 0.25
+where `time` is 16/62 = 0.258): `ds.set_xindex("requested_time").sel(requested_time=0.25)` selects by it
+(no index is kept on it by default: two indexes on `time` would make runs with other grids unalignable).
+Files follow CF-1.8 (`cf_check.py` in benchmarks/ runs the IOOS checker): int32 indices, no fill values on
+coordinates, UDUNITS units ("1" for epochs and every dimensionless quantity).
 """
 
 import contextlib
@@ -19,6 +25,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pandas as pd
 import xarray as xr
 
 from kerasntk import fs, rundir
@@ -27,7 +34,8 @@ log = logging.getLogger(__name__)
 
 ENGINE = "netcdf4"
 
-# name -> (long_name, units); "1" when dimensionless (errors, losses in nats, distances of weights).
+# name -> (long_name, units); units as UDUNITS writes them, "1" when dimensionless (errors, losses in nats,
+# distances of weights, rates per epoch: UDUNITS has no epoch, so the long name says "per epoch").
 # Extend this dict to record metrics of your own.
 METRICS = {
     "test_error": ("0-1 error on the test set", "1"),
@@ -37,8 +45,8 @@ METRICS = {
     "learning_rate": ("learning rate of the optimizer", "1"),
     "diverged": ("1 when the training loss became non-finite (spawn.diverged=record), else 0", "1"),
     "diverged_at_epoch": ("time in epochs at which the training loss became non-finite", "1"),
-    "kernel_velocity": ("NTK velocity S(K_t, K_t+dt) / dt", "epoch-1"),
-    "kernel_velocity_per_lr": ("NTK velocity divided by the learning rate", "epoch-1"),
+    "kernel_velocity": ("NTK velocity S(K_t, K_t+dt) / dt, per epoch", "1"),
+    "kernel_velocity_per_lr": ("NTK velocity divided by the learning rate, per epoch", "1"),
     "kernel_distance_from_init": ("NTK distance S(K_0, K_t) from the initial kernel", "1"),
     "kernel_distance_to_final": ("NTK distance S(K_t, K_T) to the final kernel", "1"),
     "kernel_alignment": ("centred kernel-target alignment of the NTK", "1"),
@@ -68,6 +76,9 @@ METRICS = {
         ("cosine_similarity", "cosine similarity of weights"), ("kernel_distance", "NTK distance"))},
 }
 
+# variables stacking metrics along `metric` (their units are the metrics' own, when they share one)
+_STACKED = ("parent", "child", "pair", "path")
+
 _VARIABLES = {
     "parent": "metrics of the parent network at time t",
     "child": "end-of-training metrics of child `spawn` spawned from the parent at time t",
@@ -79,8 +90,11 @@ _VARIABLES = {
 }
 
 _COORDS = {
-    "time": ("time on the parent's training clock (children: the time they were spawned at)", "epoch"),
-    "time_b": ("second time on the parent's training clock", "epoch"),
+    "time": ("time on the parent's training clock in epochs, exact: step / steps per epoch "
+             "(children: the time they were spawned at)", "1"),
+    "time_b": ("second time on the parent's training clock in epochs, exact", "1"),
+    "requested_time": ("time in epochs the config asked for, which `time` is its rounding to a step "
+                       "(equal to `time` where none was asked)", "1"),
     "step": ("parent optimizer step at time", "1"),
     "spawn": ("child index within one spawn time", "1"),
     "child_pair": ("child pair index b(b-1)/2 + a of the unordered pair a < b", "1"),
@@ -92,11 +106,19 @@ _COORDS = {
     "metric_long_name": ("description of the metric", None),
     "metric_units": ("units of the metric", None),
     "summary_of": ("variable whose per-time summary of the metric is correlated", None),
+    "run": ("run the values come from (open_runs)", None),
 }
 
+# coordinates that describe only some variables (written into the others' `coordinates` attribute, CF
+# readers would attach them there too)
+_OWN_COORDS = {"summary_of": ("correlation", "correlation_pearson")}
+
 # non-index coordinates carried along one dimension, re-attached after merging
-_LABELS = {"step": "time", "spawn_a": "child_pair", "spawn_b": "child_pair", "metric_long_name": "metric",
-           "metric_units": "metric"}
+_LABELS = {"step": "time", "requested_time": "time", "spawn_a": "child_pair", "spawn_b": "child_pair",
+           "metric_long_name": "metric", "metric_units": "metric"}
+
+# coordinates that are facts of one run (its grid, its correlations): (run, ...) in open_runs
+_PER_RUN = ("step", "requested_time", "summary_of")
 
 # where a metric's per-spawn-time summary comes from, first match wins (names shared between variables,
 # e.g. test_error in child and parent, take the children's value)
@@ -106,32 +128,37 @@ _SUMMARY_SOURCES = (("pair", "child_pair"), ("child", "spawn"), ("parent", None)
 # --- building job datasets ---------------------------------------------------------------------------
 
 
-def parent_dataset(steps, times, metrics, kernel_distance=None, attrs=None):
+def parent_dataset(steps, times, metrics, kernel_distance=None, attrs=None, requested_times=None):
     """The parent's trajectory: `parent(time, metric)` from {name: array (T,)}, and optionally the
-    S(t, t') matrix `kernel_distance(time, time_b)` (T, T)."""
+    S(t, t') matrix `kernel_distance(time, time_b)` (T, T). `requested_times`: the times (epochs) asked for,
+    of which `times` are the rounding to steps (default: `times`)."""
     times, steps = _time_axis(times, steps)
+    requested = times if requested_times is None else _array(requested_times, times.shape, "requested_times")
     names = _metric_names(metrics)
     data = np.stack([_array(metrics[name], (len(times),), name) for name in names], axis=-1)
     ds = xr.Dataset({"parent": (("time", "metric"), data)}, coords=_metric_coords(names))
-    ds = ds.assign_coords(time=times, step=("time", steps))
+    ds = ds.assign_coords(time=times, step=("time", steps), requested_time=("time", requested))
     if kernel_distance is not None:
         ds["kernel_distance"] = (("time", "time_b"), _array(kernel_distance, (len(times),) * 2, "kernel_distance"))
         ds = ds.assign_coords(time_b=times)
     return _finish(ds, attrs)
 
 
-def child_dataset(step, time, spawn, metrics, attrs=None):
-    """One child's outcome: `child(time=1, spawn=1, metric)` from {name: float}."""
+def child_dataset(step, time, spawn, metrics, attrs=None, requested_time=None):
+    """One child's outcome: `child(time=1, spawn=1, metric)` from {name: float}; `requested_time`: the
+    spawn time asked for (default: `time`)."""
     names = _metric_names(metrics)
     data = np.array([[[_scalar(metrics[name], name) for name in names]]])
     ds = xr.Dataset({"child": (("time", "spawn", "metric"), data)}, coords=_metric_coords(names))
-    ds = ds.assign_coords(time=[float(time)], step=("time", [int(step)]), spawn=[_index(spawn, "spawn")])
+    ds = ds.assign_coords(**_time_coords(step, time, requested_time),
+                          spawn=np.array([_index(spawn, "spawn")], np.int32))
     return _finish(ds, attrs)
 
 
-def pair_dataset(step, time, pairs, metrics, alphas, curves, attrs=None):
+def pair_dataset(step, time, pairs, metrics, alphas, curves, attrs=None, requested_time=None):
     """All child pairs of one spawn time: `pair(time=1, child_pair, metric)` from {name: array (P,)} and
-    `path(time=1, child_pair, alpha, metric)` from {name: array (P, A)}, P = len(pairs) pairs (a, b), a < b."""
+    `path(time=1, child_pair, alpha, metric)` from {name: array (P, A)}, P = len(pairs) pairs (a, b), a < b;
+    `requested_time`: the spawn time asked for (default: `time`)."""
     index = [_pair_index(a, b) for a, b in pairs]
     if len(set(index)) != len(index) or not index:
         raise ValueError(f"pairs must be a non-empty list of distinct (a, b) with a < b; got {pairs}")
@@ -151,9 +178,9 @@ def pair_dataset(step, time, pairs, metrics, alphas, curves, attrs=None):
                      path=(("time", "child_pair", "alpha", "metric"), path))
     ds = xr.Dataset({name: variables[name] for name, given in (("pair", metrics), ("path", curves)) if given},
                     coords=_metric_coords(names))
-    ds = ds.assign_coords(time=[float(time)], step=("time", [int(step)]), child_pair=np.sort(index),
-                          alpha=alphas, spawn_a=("child_pair", [int(pairs[i][0]) for i in order]),
-                          spawn_b=("child_pair", [int(pairs[i][1]) for i in order]))
+    ds = ds.assign_coords(**_time_coords(step, time, requested_time), child_pair=np.sort(index).astype(np.int32),
+                          alpha=alphas, spawn_a=("child_pair", np.array([pairs[i][0] for i in order], np.int32)),
+                          spawn_b=("child_pair", np.array([pairs[i][1] for i in order], np.int32)))
     return _finish(ds, attrs)
 
 
@@ -162,6 +189,7 @@ def pair_dataset(step, time, pairs, metrics, alphas, curves, attrs=None):
 
 def write_atomic(ds, path):
     """Write `ds` as NetCDF4 to `path` (local or gs://), never half-written and sealed with its SHA-256 (`fs.atomic_file`)."""
+    ds = _with_coordinates_attributes(ds)
     with fs.atomic_file(path, sealed=True) as tmp:
         ds.to_netcdf(tmp, engine=ENGINE, encoding=_encoding(ds))
 
@@ -179,10 +207,9 @@ def merge(paths_or_run_dir):
     plus `correlation(metric, metric_b)` (Spearman)."""
     paths = _job_paths(paths_or_run_dir)
     datasets = [load(p) for p in paths]
-    datasets, labels = _pop_labels(datasets)
+    datasets, labels = _pop_labels(datasets, _LABELS)
     merged = xr.merge(datasets, compat="no_conflicts", join="outer", fill_value=np.nan, combine_attrs="override")
-    merged = merged.assign_coords({name: (dim, [labels[name][v] for v in merged[dim].values])
-                                   for name, dim in _LABELS.items() if dim in merged.dims})
+    merged = _put_labels(merged, labels, _LABELS)
     _warn_orphan_times(datasets, merged)
     if "time" in merged.coords and ("child" in merged or "pair" in merged):
         merged["correlation"] = correlation(merged)
@@ -195,6 +222,52 @@ def open_run(run_dir_or_file):
     directory is merged from its job files."""
     path = os.fspath(run_dir_or_file)
     return merge(path) if rundir.is_run_dir(path) or fs.isdir(path) else load(path)
+
+
+def open_runs(paths, names=None):
+    """One Dataset along a `run` dimension (labelled by `names`, default the paths) from several runs (run
+    directories or merged files), whose grids may differ: an outer join on every coordinate, NaN where a
+    run has no value. The facts of one run's grid and correlations (step, requested_time, summary_of)
+    become (run, ...) coordinates; global attributes all runs share are kept, the others (config,
+    history) are dropped: `open_run(path).attrs` has them. In memory; no dask."""
+    paths = [os.fspath(p) for p in paths]
+    names = paths if names is None else [str(n) for n in names]
+    if not paths or len(names) != len(paths) or len(set(names)) != len(names):
+        raise ValueError(f"open_runs needs one or more runs with distinct names; got paths {paths}, names {names}")
+    shared = {name: dim for name, dim in _LABELS.items() if name not in _PER_RUN}
+    datasets = [open_run(p) for p in paths]
+    datasets = [ds.reset_coords([n for n in _PER_RUN if n in ds.coords]) for ds in datasets]
+    datasets, labels = _pop_labels(datasets, shared, strict=False)
+    runs = xr.concat(datasets, pd.Index(np.array(names, dtype=object), name="run"), data_vars="all",
+                     coords="different", compat="equals", join="outer", fill_value={"summary_of": "none"},
+                     combine_attrs="drop_conflicts")
+    runs = _put_labels(runs.set_coords([n for n in _PER_RUN if n in runs]), labels, shared)
+    return _finish(runs, None)
+
+
+def by_metric(stacked):
+    """One variable per metric from a stacked DataArray (`ds.parent`, `ds.child`, `ds.pair`, `ds.path`,
+    `ds.correlation`), each with its own long_name and units (from `metric_long_name`/`metric_units`, else
+    METRICS), so that e.g. pint-xarray's `.pint.quantify()` reads them; metrics without a value are left out."""
+    if "metric" not in stacked.dims:
+        raise ValueError(f"by_metric needs a DataArray with a metric dimension; got dims {stacked.dims}")
+    names = [str(m) for m in stacked["metric"].values]
+    attrs = {}
+    for name in names:
+        if "metric_units" in stacked.coords:
+            attrs[name] = dict(long_name=str(stacked["metric_long_name"].sel(metric=name).item()),
+                               units=str(stacked["metric_units"].sel(metric=name).item()))
+        elif name in METRICS:
+            attrs[name] = dict(zip(("long_name", "units"), METRICS[name]))
+        else:
+            raise ValueError(f"metric {name!r} has no metric_units coordinate and is not in results.METRICS")
+    filled = stacked.notnull().any([d for d in stacked.dims if d != "metric"]).values
+    labels = [c for c in stacked.coords if c != "metric" and "metric" in stacked[c].dims]
+    ds = stacked.drop_vars(labels).isel(metric=np.flatnonzero(filled)).to_dataset(dim="metric")
+    for name in ds.data_vars:
+        ds[name].attrs = attrs[str(name)]
+    ds.attrs = {k: v for k, v in stacked.attrs.items() if k == "long_name"}
+    return ds
 
 
 def correlation(ds, method="spearman"):
@@ -264,13 +337,14 @@ def _metric_coords(names):
 
 
 def _time_axis(times, steps):
+    """times (float64) and steps (int32) of a trajectory, checked."""
     times = np.asarray(times, np.float64)
     steps = np.asarray(steps)
     if times.ndim != 1 or times.shape != steps.shape or len(np.unique(times)) != len(times):
         raise ValueError(f"times and steps must be 1-D of one length with distinct times; got {times}, {steps}")
     if not np.issubdtype(steps.dtype, np.integer):
         raise ValueError(f"steps must be integers; got dtype {steps.dtype}")
-    return times, steps.astype(np.int64)
+    return times, steps.astype(np.int32)
 
 
 def _array(values, shape, name):
@@ -299,11 +373,20 @@ def _pair_index(a, b):
     return b * (b - 1) // 2 + a
 
 
+def _time_coords(step, time, requested_time):
+    """time, step and requested_time coordinates of a job at one time."""
+    requested = float(time) if requested_time is None else _scalar(requested_time, "requested_time")
+    return dict(time=[float(time)], step=("time", np.array([step], np.int32)), requested_time=("time", [requested]))
+
+
 def _finish(ds, attrs):
     """Set long_name/units on every variable and coordinate and the global attributes."""
     for name, long_name in _VARIABLES.items():
         if name in ds:
-            ds[name].attrs.update(long_name=long_name, units=_stacked_units(ds, name))
+            units = _units(ds, name)
+            for stale in ("units", "comment"):
+                ds[name].attrs.pop(stale, None)
+            ds[name].attrs.update(long_name=long_name, **(dict(units=units) if units else dict(comment=_MIXED)))
     for name, (long_name, units) in _COORDS.items():
         if name in ds.coords:
             ds[name].attrs.update(dict(long_name=long_name, units=units) if units else dict(long_name=long_name))
@@ -312,17 +395,40 @@ def _finish(ds, attrs):
     return ds
 
 
-def _stacked_units(ds, name):
-    """The single unit of the metrics a stacked variable holds, or a pointer to metric_units."""
-    if "metric" not in ds[name].dims:
+_MIXED = "no single unit: each metric's is in metric_units (results.by_metric gives one variable per metric)"
+
+
+def _units(ds, name):
+    """The unit all values of variable `name` share ("1" for the matrices), None when the metrics a stacked
+    variable holds have several (UDUNITS has no "mixed" unit)."""
+    if name not in _STACKED:
         return "1"
     present = ds[name].notnull().any([d for d in ds[name].dims if d != "metric"]).values
     units = set(ds["metric_units"].values[present])
-    return units.pop() if len(units) == 1 else "1" if not units else "mixed: per metric in metric_units"
+    return None if len(units) > 1 else units.pop() if units else "1"
 
 
 def _encoding(ds):
-    return {name: dict(zlib=True, complevel=4) for name, var in ds.data_vars.items() if var.dtype.kind == "f"}
+    """CF encoding: compressed float data, no fill value on coordinates, int32 integers (CF-1.8 has no int64)."""
+    int32 = np.iinfo(np.int32)
+    encoding = {name: dict(_FillValue=None) for name in ds.coords}
+    for name, var in ds.variables.items():
+        if var.dtype.kind == "f" and name not in ds.coords:
+            encoding[name] = dict(zlib=True, complevel=4)
+        elif var.dtype.kind in "iu" and var.size and int32.min <= var.min() and var.max() <= int32.max:
+            encoding.setdefault(name, {})["dtype"] = "int32"
+    return encoding
+
+
+def _with_coordinates_attributes(ds):
+    """A shallow copy of `ds` whose variables' CF `coordinates` attributes name only the auxiliary
+    coordinates that describe them (xarray would list every coordinate whose dimensions fit)."""
+    ds = ds.copy()
+    for name, var in ds.data_vars.items():
+        own = [c for c in ds.coords if c not in var.dims and set(ds[c].dims) <= set(var.dims)
+               and name in _OWN_COORDS.get(c, (name,))]
+        ds[name].encoding["coordinates"] = " ".join(sorted(own)) or None
+    return ds
 
 
 def _job_paths(paths_or_run_dir):
@@ -337,20 +443,33 @@ def _job_paths(paths_or_run_dir):
     return sorted(paths, key=lambda p: os.path.basename(p) != "parent.nc")
 
 
-def _pop_labels(datasets):
-    """Remove the non-index coordinates of _LABELS (which an outer join would turn into NaN-padded
-    floats) and return them as {coord: {index value: label}}, checking the files agree."""
-    labels = {name: {} for name in _LABELS}
+def _pop_labels(datasets, label_dims, strict=True):
+    """Remove the non-index coordinates `label_dims` ({coord: dim}, which an outer join would turn into
+    NaN-padded floats) and return them as {coord: {index value: label}}, checking the datasets agree (where
+    they do not: an error, or with strict=False a warning and the first one's label). Files written before
+    requested_time existed count as asking for their exact times."""
+    labels = {name: {} for name in label_dims}
     stripped = []
     for ds in datasets:
-        for name, dim in _LABELS.items():
+        if "requested_time" in label_dims and "time" in ds.dims and "requested_time" not in ds.coords:
+            ds = ds.assign_coords(requested_time=ds["time"].variable)
+        for name, dim in label_dims.items():
             if name not in ds.coords:
                 continue
             for key, value in zip(ds[dim].values, ds[name].values):
                 if labels[name].setdefault(key, value) != value:
-                    raise ValueError(f"job files disagree on {name} at {dim}={key!r}: {labels[name][key]} vs {value}")
-        stripped.append(ds.drop_vars([n for n in _LABELS if n in ds.coords]))
+                    message = f"disagree on {name} at {dim}={key!r}: {labels[name][key]!r} vs {value!r}"
+                    if strict:
+                        raise ValueError(f"job files {message}")
+                    log.warning("runs %s; keeping the first", message)
+        stripped.append(ds.drop_vars([n for n in label_dims if n in ds.coords]))
     return stripped, labels
+
+
+def _put_labels(ds, labels, label_dims):
+    """Re-attach the coordinates `_pop_labels` removed, along the joined dimensions."""
+    return ds.assign_coords({name: (dim, np.array([labels[name][v] for v in ds[dim].values]))
+                             for name, dim in label_dims.items() if dim in ds.dims and labels[name]})
 
 
 def _warn_orphan_times(datasets, merged):

@@ -8,13 +8,18 @@ import subprocess
 import sys
 import textwrap
 
+import netCDF4
 import numpy as np
+import pint_xarray  # noqa: F401  (registers the .pint accessor)
 import pytest
 import scipy.stats
 import xarray as xr
 
 from kerasntk import results as rs
 from kerasntk.rundir import RunDir
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks"))
+import cf_check  # noqa: E402
 
 TIMES = np.array([0.0, 0.25, 1.0, 4.0])
 STEPS = np.array([0, 25, 100, 400])
@@ -53,8 +58,8 @@ def test_job_datasets_round_trip_through_netcdf(tmp_path):
         rs.write_atomic(ds, tmp_path / "x.nc")
         loaded = xr.load_dataset(tmp_path / "x.nc", engine="netcdf4")
         xr.testing.assert_identical(loaded, ds)
-        assert loaded["time"].dtype == np.float64 and loaded["time"].attrs["units"] == "epoch"
-        assert loaded["step"].dtype == np.int64 and loaded["step"].dims == ("time",)
+        assert loaded["time"].dtype == np.float64 and loaded["time"].attrs["units"] == "1"
+        assert loaded["step"].dtype == np.int32 and loaded["step"].dims == ("time",)
         for name in loaded.data_vars:
             assert {"long_name", "units"} <= set(loaded[name].attrs), name
 
@@ -67,10 +72,19 @@ def test_dataset_layout_and_units():
     np.testing.assert_array_equal(pair["pair"].sel(metric="error_barrier").values[0], [1.0, 0.0])
     assert np.isnan(pair["pair"].sel(metric="test_error")).all()  # path-only metric
     parent = _parent()
-    assert parent["parent"].attrs["units"] == "mixed: per metric in metric_units"
-    assert parent["metric_units"].sel(metric="kernel_velocity").item() == "epoch-1"
+    assert parent["parent"].attrs["units"] == "1"
+    assert parent["metric_units"].sel(metric="kernel_velocity").item() == "1"
+    assert "per epoch" in parent["metric_long_name"].sel(metric="kernel_velocity").item()
     assert _child(0, 0)["child"].attrs["units"] == "1"
     assert parent["kernel_distance"].dims == ("time", "time_b")
+
+
+def test_metrics_of_several_units_leave_the_stacked_variable_without_units(monkeypatch):
+    monkeypatch.setitem(rs.METRICS, "wall_time", ("seconds since the start of training", "s"))
+    ds = rs.parent_dataset(STEPS, TIMES, dict(test_error=[0.9, 0.5, 0.3, 0.2], wall_time=[0.0, 1.5, 6.0, 24.0]))
+    assert "units" not in ds["parent"].attrs and "metric_units" in ds["parent"].attrs["comment"]
+    alone = rs.parent_dataset(STEPS, TIMES, dict(wall_time=[0.0, 1.5, 6.0, 24.0]))
+    assert alone["parent"].attrs["units"] == "s" and "comment" not in alone["parent"].attrs
 
 
 def test_bad_inputs_raise_clear_errors():
@@ -92,7 +106,7 @@ def test_merge_combines_jobs_and_fills_missing_children_with_nan(tmp_path):
     _write_run(tmp_path, skip_children={(2, 1)})
     ds = rs.merge(tmp_path)
     assert dict(ds.sizes) == dict(time=4, time_b=4, spawn=3, child_pair=3, alpha=5, metric=4, metric_b=4)
-    assert ds["step"].dtype == np.int64 and list(ds["step"].values) == list(STEPS)
+    assert ds["step"].dtype == np.int32 and list(ds["step"].values) == list(STEPS)
     assert ds.attrs["title"] == "run"  # global attributes come from parent.nc
     child = ds["child"].sel(metric="test_error")
     assert np.isnan(child.isel(time=2, spawn=1)) and child.isel(time=2, spawn=2) == pytest.approx(0.22)
@@ -100,8 +114,8 @@ def test_merge_combines_jobs_and_fills_missing_children_with_nan(tmp_path):
     assert np.isnan(ds["parent"].sel(metric="error_barrier")).all()
     np.testing.assert_array_equal(ds["pair"].sel(metric="error_barrier").isel(time=2), [1.0, 2.0, 3.0])
     assert list(ds["spawn_b"].values) == [1, 2, 2]
-    assert ds["metric_units"].sel(metric="kernel_velocity").item() == "epoch-1"
-    assert ds["correlation"].dims == ("metric", "metric_b")
+    assert ds["metric_units"].sel(metric="kernel_velocity").item() == "1"
+    assert ds["correlation"].dims == ("metric", "metric_b") and ds["correlation"].attrs["units"] == "1"
     rs.write_atomic(ds, tmp_path / "results.nc")
     reopened = rs.open_run(tmp_path / "results.nc")
     assert {"time", "spawn", "metric"} <= set(reopened.dims)
@@ -216,3 +230,95 @@ def test_global_attrs_are_netcdf_serialisable(tmp_path):
     assert attrs["tensorflow_version"] != "not installed" and attrs["git_commit"]
     rs.write_atomic(_parent(attrs), tmp_path / "p.nc")
     assert xr.load_dataset(tmp_path / "p.nc").attrs["config"] == attrs["config"]
+
+
+def test_files_follow_cf_on_disk(tmp_path):
+    """int32 indices, no fill value on coordinates, `coordinates` attributes naming only what describes each
+    variable (summary_of describes the correlations, not parent/child/pair/path)."""
+    _write_run(tmp_path)
+    rs.write_atomic(rs.merge(tmp_path), tmp_path / "results.nc")
+    with netCDF4.Dataset(tmp_path / "results.nc") as nc:
+        for name in ("step", "spawn", "child_pair", "spawn_a", "spawn_b"):
+            assert nc[name].dtype == np.int32, name
+        for name in ("time", "time_b", "alpha", "requested_time"):
+            assert "_FillValue" not in nc[name].ncattrs(), name
+        for name in ("parent", "child", "pair", "path"):
+            assert "summary_of" not in nc[name].coordinates.split() and "metric_units" in nc[name].coordinates.split()
+        assert "summary_of" in nc["correlation"].coordinates.split() and nc["correlation"].units == "1"
+        assert nc["time"].units == "1" and "epochs" in nc["time"].long_name
+
+
+def test_requested_times_select_what_was_asked_for(tmp_path):
+    """A spawn asked at 0.25 epoch lands on step 16 of 62 (0.258): requested_time keeps 0.25 through the job
+    files, merge and NetCDF; job files written without requested_time count as asked at their exact time."""
+    steps = np.array([0, 16, 124])
+    times, asked = steps / 62, np.array([0.0, 0.25, 2.0])
+    rs.write_atomic(rs.parent_dataset(steps, times, dict(test_error=[0.9, 0.5, 0.2]), requested_times=asked),
+                    RunDir(tmp_path).result("parent"))
+    rs.write_atomic(rs.child_dataset(16, times[1], 0, dict(test_error=0.3), requested_time=0.25),
+                    RunDir(tmp_path).result("child", 16, 0))
+    rs.write_atomic(rs.child_dataset(0, 0.0, 0, dict(test_error=0.4)).drop_vars("requested_time"),
+                    RunDir(tmp_path).result("child", 0, 0))  # an older file
+    rs.write_atomic(rs.merge(tmp_path), tmp_path / "results.nc")
+    ds = xr.open_dataset(tmp_path / "results.nc").set_xindex("requested_time")
+    np.testing.assert_array_equal(ds["requested_time"].values, asked)
+    at = ds.sel(requested_time=0.25)
+    assert at["time"].item() == 16 / 62 and at["step"].item() == 16
+    assert at["child"].sel(metric="test_error", spawn=0).item() == 0.3
+    assert ds.sel(requested_time=[0.0, 2.0])["parent"].sel(metric="test_error").values.tolist() == [0.9, 0.2]
+    with pytest.raises(KeyError):
+        ds.sel(time=0.25)  # the exact time is 0.258...
+
+
+def test_open_runs_joins_runs_of_different_grids_along_run(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    _write_run(a)
+    times_b, steps_b = np.array([0.0, 0.5, 4.0]), np.array([0, 31, 248])  # another grid, 62 steps per epoch
+    rs.write_atomic(rs.parent_dataset(steps_b, times_b, dict(test_error=[0.8, 0.4, 0.1], train_loss=[2.0, 1.0, 0.1]),
+                                      requested_times=[0.0, 0.5, 4.0], attrs=dict(title="run", config='{"x": 1}')),
+                    RunDir(b).result("parent"))
+    rs.write_atomic(rs.child_dataset(31, 0.5, 0, dict(test_error=0.25)), RunDir(b).result("child", 31, 0))
+    runs = rs.open_runs([a, b], names=["a", "b"])
+    assert list(runs["run"].values) == ["a", "b"] and runs.chunks == {}  # in memory, no dask
+    assert list(runs["time"].values) == [0.0, 0.25, 0.5, 1.0, 4.0]
+    parent = runs["parent"].sel(metric="test_error")
+    np.testing.assert_array_equal(parent.sel(run="a").values, [0.9, 0.5, np.nan, 0.3, 0.2])
+    np.testing.assert_array_equal(parent.sel(run="b").values, [0.8, np.nan, 0.4, np.nan, 0.1])
+    assert runs["child"].sel(run="b", time=0.5, spawn=0, metric="test_error").item() == 0.25
+    assert np.isnan(runs["pair"].sel(run="b")).all()
+    assert np.isnan(runs["parent"].sel(run="a", metric="train_loss")).all()
+    np.testing.assert_array_equal(runs["step"].sel(run="b").values, [0, np.nan, 31, np.nan, 248])
+    assert runs["step"].dims == ("run", "time") and runs["metric_units"].dims == ("metric",)
+    assert runs.attrs == dict(title="run")  # the attributes the runs share; their configs differ
+    xr.testing.assert_identical(runs.sel(run="a", drop=True)["kernel_distance"].dropna("time", how="all")
+                                .dropna("time_b", how="all").drop_vars(["step", "requested_time"]),
+                                rs.open_run(a)["kernel_distance"].drop_vars(["step", "requested_time"]))
+    with pytest.raises(ValueError, match="distinct names"):
+        rs.open_runs([a, b], names=["x", "x"])
+
+
+def test_by_metric_gives_variables_pint_can_quantify(monkeypatch):
+    monkeypatch.setitem(rs.METRICS, "wall_time", ("seconds since the start of training", "s"))
+    ds = rs.parent_dataset(STEPS, TIMES, dict(test_error=[0.9, 0.5, 0.3, 0.2], wall_time=[0.0, 1.5, 6.0, 24.0]),
+                           kernel_distance=np.zeros((4, 4)))
+    split = rs.by_metric(ds["parent"])
+    assert set(split.data_vars) == {"test_error", "wall_time"} and split["wall_time"].dims == ("time",)
+    assert split["test_error"].attrs == dict(long_name=rs.METRICS["test_error"][0], units="1")
+    quantified = split.pint.quantify()
+    assert str(quantified["test_error"].pint.units) == "dimensionless"
+    np.testing.assert_allclose(quantified["wall_time"].pint.to("ms").pint.magnitude, [0.0, 1500.0, 6000.0, 24000.0])
+    merged = rs.by_metric(_pair(0)["pair"])  # metrics without a value (the path-only test_error) are left out
+    assert list(merged.data_vars) == ["error_barrier"]
+    with pytest.raises(ValueError, match="metric dimension"):
+        rs.by_metric(ds["kernel_distance"])
+
+
+def test_a_run_passes_the_cf_checker_but_for_the_documented_time_axis(clean_run):
+    """The IOOS checker (offline, ~1 s) on a tiny experiment's results.nc: no high-priority failure but
+    §5.1, which CF's reading of a dimension called `time` as calendar time forces (README "Results")."""
+    path = clean_run[1] / "results.nc"
+    scored, possible, failures, _ = cf_check.check(str(path))
+    assert set(failures) == set(cf_check.FORCED), failures
+    assert scored >= possible - 5  # §5.1 is worth 5 points
+    quantified = xr.open_dataset(path).pint.quantify()  # every unit in the file is one pint reads
+    assert {str(v.pint.units) for v in quantified.data_vars.values()} == {"dimensionless"}

@@ -65,6 +65,19 @@ def test_checkpoint_grid_has_ends_explicit_log_periodic_spawn_and_linearize_time
     assert with_partners == (0, 2, 40, 42, 500, 540, 1000)  # t + 0.4 epoch for the kernel velocity
 
 
+def test_grid_keeps_the_times_asked_for_beside_their_steps():
+    c = cfg.load(None, ["train.length=2ep", "spawn.times=[0.25, 5it]", "checkpoints.times=[0.26]",
+                        "checkpoints.log_start=0.01", "checkpoints.log_stop=0.1", "checkpoints.log_num=3",
+                        "checkpoints.every=1ep", "linearize.times=[]", "ntk.velocity_dt=0.4ep"])
+    g = Grid.from_config(c, steps_per_epoch=62)
+    asked = dict(zip(g.checkpoints, g.requested))
+    assert g.requested_time(16) == asked[16] == 0.25  # spawn 0.25 -> step 16 (0.258); checkpoint 0.26 too
+    assert asked[5] == 5 / 62 and asked[2] == pytest.approx(0.1 ** 1.5) and asked[6] == 0.1
+    assert asked[41] == 41 / 62 and asked[62] == 1.0 and asked[124] == 2.0  # velocity partner, periodic: exact
+    assert len(set(g.requested)) == len(g.requested)  # distinct, so they can index the time axis
+    np.testing.assert_array_equal(g.requested_time(np.array([0, 16])), [0.0, 0.25])
+
+
 # -- training -----------------------------------------------------------------------------------------------
 
 def test_training_learns_and_logs_every_epoch(tmp_path):

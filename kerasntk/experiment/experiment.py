@@ -209,7 +209,8 @@ class Experiment:
             metrics.update(kernel_metrics)
             metrics["kernel_top_eigenvalue"] = np.array([ntk.eigenvalues(k, 1)[0] for k in kernels])
         results.write_atomic(results.parent_dataset(g.checkpoints, times, metrics, kernel_distance=kernel_distance,
-                                                    attrs=self._attrs()), self.run.result("parent"))
+                                                    requested_times=g.requested, attrs=self._attrs()),
+                             self.run.result("parent"))
 
     # kernel learning --------------------------------------------------------------------------------------
 
@@ -222,6 +223,7 @@ class Experiment:
                                                  self.run.linearized(step), self.strategy, verbose=self.verbose)
         results.write_atomic(results.parent_dataset([step], [self.grid.epochs(step)],
                                                     {k: np.array([v]) for k, v in metrics.items()},
+                                                    requested_times=[self.grid.requested_time(step)],
                                                     attrs=self._attrs()), self.run.result("linearized", step))
 
     def _require_parent_checkpoint(self, step):
@@ -260,16 +262,18 @@ class Experiment:
                                                                        parent_kernel)
         if self.config.spawn.diverged == "record":
             metrics["diverged"] = 0.0
-        results.write_atomic(results.child_dataset(step, self.grid.epochs(step), child, metrics, attrs=self._attrs()),
-                             self.run.result("child", step, child))
+        self._write_child(step, child, metrics)
 
     def _record_diverged_child(self, step, child, error, epoch):
         """A diverged child as a result (spawn.diverged=record): the reason in its job directory, `diverged` = 1
         and its epoch in `child`; every other metric of it is NaN after the merge, and so are its pairs."""
         self._say(f"{error}; recorded as a result (spawn.diverged=record)")
         self.run.child(step, child).write_divergence(dict(reason=str(error), epoch=epoch))
-        metrics = dict(diverged=1.0, diverged_at_epoch=epoch)
-        results.write_atomic(results.child_dataset(step, self.grid.epochs(step), child, metrics, attrs=self._attrs()),
+        self._write_child(step, child, dict(diverged=1.0, diverged_at_epoch=epoch))
+
+    def _write_child(self, step, child, metrics):
+        results.write_atomic(results.child_dataset(step, self.grid.epochs(step), child, metrics, attrs=self._attrs(),
+                                                   requested_time=self.grid.requested_time(step)),
                              self.run.result("child", step, child))
 
     def measure_pairs(self, step):
@@ -301,7 +305,8 @@ class Experiment:
         metrics = {k: np.array([r[k] if r else np.nan for r in rows]) for k in names}
         curve_arrays = {k: np.stack([c[k] if c else nan_curve for c in curves]) for k in curve_names}
         results.write_atomic(results.pair_dataset(step, self.grid.epochs(step), pairs, metrics, self._alphas(),
-                                                  curve_arrays, attrs=self._attrs()), self.run.result("pair", step))
+                                                  curve_arrays, requested_time=self.grid.requested_time(step),
+                                                  attrs=self._attrs()), self.run.result("pair", step))
 
     def _compare(self, w_a, w_b):
         la = self.config.landscape
