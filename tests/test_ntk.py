@@ -297,6 +297,76 @@ def test_block_pair_compiles_with_xla_for_every_zoo_model(name, implementation):
     _close(compiled(xa, xb).numpy(), engine.pair(xa, xb).numpy(), rtol=1e-5)
 
 
+def _per_layer_against_single_layers(model, x1, x2, implementation):
+    """Per-layer trace kernels (padded blocks of 2, symmetric and not) against the kernel computed with only
+    that layer trainable; returns the per-layer kernels of x1 with itself."""
+    fn = ntk.empirical_ntk_fn(model, implementation=implementation, batch_size=2, per_layer=True)
+    pieces, cross = fn(x1), fn(x1, x2)
+    assert pieces.shape == (len(fn.layer_names), len(x1), len(x1)) and len(set(fn.layer_names)) == len(fn.layer_names)
+    layers, variables = {layer.name: layer.trainable for layer in model.layers}, [v.trainable for v in model.weights]
+
+    def restore():
+        for layer in model.layers:
+            layer.trainable = layers[layer.name]
+        for v, flag in zip(model.weights, variables):
+            v.trainable = flag
+
+    try:
+        for index, name in enumerate(fn.layer_names):
+            for layer in model.layers:  # freeze the others (setting a layer trainable would unfreeze its variables)
+                if layer.name != name:
+                    layer.trainable = False
+            alone = ntk.empirical_ntk_fn(model, implementation=implementation, batch_size=2)
+            _close(pieces[index], alone(x1), **TIGHT)
+            _close(cross[index], alone(x1, x2), **TIGHT)
+            restore()
+    finally:
+        restore()
+    return pieces
+
+
+@pytest.mark.parametrize("name, implementation", [
+    ("mixed", "auto"),
+    pytest.param("cnn1d", "auto", marks=pytest.mark.slow), pytest.param("mixed", "jacobian", marks=pytest.mark.slow), pytest.param("resnet20", "auto", marks=pytest.mark.slow),
+])
+def test_per_layer_kernels_are_single_layer_kernels_summing_to_the_kernel(name, implementation):
+    """Θ = Σ_l Θ_l, each Θ_l the kernel of layer l's variables alone (float64: to rounding, as TIGHT); "mixed"
+    has a shared layer (both calls in one piece) and a frozen layer (no piece)."""
+    model = _zoo(name)[0] if name in ZOO else _mixed_model()
+    shape = model.inputs[0].shape[1:]
+    rng = np.random.default_rng(11)
+    x1, x2 = rng.normal(size=(5, *shape)), rng.normal(size=(3, *shape))
+    pieces = _per_layer_against_single_layers(model, x1, x2, implementation)
+    _close(pieces.sum(axis=0), ntk.empirical_ntk_fn(model, batch_size=2, implementation=implementation)(x1), **TIGHT)
+    full = ntk.empirical_ntk_fn(model, trace_axes=(), per_layer=True, implementation=implementation)
+    _close(full(x1, x2).sum(axis=0), ntk.empirical_ntk_fn(model, trace_axes=(), implementation=implementation)(x1, x2),
+           **TIGHT)
+
+
+def test_per_layer_kernels_sum_to_the_kernel_in_float32(tmp_path, mirrored):
+    """In float32 the layers' pieces sum to the kernel to 1e-5 of its scale: the same products, summed in
+    another order (float32 rounding ~1e-7 per term, over a few layers' terms). Also spread over 2 replicas
+    (the same per-layer blocks) and written to NetCDF with the layer names as coordinate."""
+    _set_float("float32")
+    with mirrored.scope():
+        model, shape = _zoo("cnn1d")
+    x = np.random.default_rng(12).normal(size=(5, *shape)).astype("float32")
+    fn = ntk.empirical_ntk_fn(model, trace_axes=(), batch_size=2, per_layer=True)
+    pieces = fn(x)
+    assert fn.layer_names == ("conv0", "bn0", "conv1", "bn1", "conv2", "bn2", "logits")
+    _close(pieces.sum(axis=0), ntk.empirical_ntk_fn(model, trace_axes=(), batch_size=2)(x), rtol=1e-5)
+    spread = ntk.empirical_ntk_fn(model, trace_axes=(), batch_size=2, per_layer=True, strategy=mirrored)
+    _close(spread(x), pieces, rtol=1e-6)  # the same float32 blocks, computed on another logical device
+    written = fn(x, out=str(tmp_path / "layers.nc"))
+    assert list(written.layer.values) == list(fn.layer_names) and written.dims[0] == "layer"
+    np.testing.assert_array_equal(np.asarray(written), pieces)
+
+
+def test_per_layer_needs_per_layer_features():
+    with pytest.raises(ValueError, match="per_layer needs"):
+        ntk.empirical_ntk_fn(_zoo("mlp")[0], implementation="ntk_vp", per_layer=True)
+
+
 @pytest.mark.parametrize("suffix", [".npy", ".nc"])
 def test_kernel_written_block_by_block_to_disk(tmp_path, suffix):
     model, shape = _zoo("mlp")
@@ -460,6 +530,22 @@ def test_velocity_and_trajectory_metrics():
     assert metrics["kernel_effective_rank"][0] == ntk.effective_rank(kernels[0])
     assert all(m.shape == (4,) for m in metrics.values())
     assert np.all(np.isnan(ntk.trajectory_metrics(kernels, times, y)[0]["kernel_velocity_per_lr"]))
+
+
+def test_layer_trajectory_metrics_are_each_layers_own():
+    """Per-layer distance from init, velocity and alignment equal the whole-kernel metrics of each layer's kernels."""
+    kernels = [np.stack([_psd(4, seed=10 * t + layer) for layer in range(3)]) for t in range(4)]
+    times, y = np.array([0.0, 0.4, 0.8, 2.0]), np.array([0, 1, 0, 1])
+    metrics = ntk.layer_trajectory_metrics(kernels, times, y, dt=0.4)
+    assert set(metrics) == {"kernel_distance_from_init", "kernel_velocity", "kernel_alignment"}
+    for layer in range(3):
+        alone, _ = ntk.trajectory_metrics([K[layer] for K in kernels], times, y, dt=0.4)
+        for name, values in metrics.items():
+            assert values.shape == (4, 3)
+            np.testing.assert_array_equal(values[:, layer], alone[name])
+    assert "kernel_alignment" not in ntk.layer_trajectory_metrics(kernels, times)
+    with pytest.raises(ValueError, match="per-layer kernels"):
+        ntk.layer_trajectory_metrics([_psd(4)], [0.0])
 
 
 def test_velocity_over_a_fixed_dt():
