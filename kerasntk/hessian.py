@@ -209,6 +209,17 @@ class _Blocks:
         self.shapes = [tuple(w.shape) for w in model.trainable_variables]
         self.size = sum(math.prod(s) for s in self.shapes)
         self.layers = layer_names(model)
+        self._rounds = None
+
+    def _distributed(self):
+        """Per round, the (x, y, mask) blocks placed on the replicas' devices (once, then kept)."""
+        if self._rounds is None:
+            def per_replica(array, r):
+                return self.strategy.experimental_distribute_values_from_function(
+                    lambda ctx: tf.constant(array[r, ctx.replica_id_in_sync_group]))
+
+            self._rounds = [[per_replica(a, r) for a in (self.x, self.y, self.mask)] for r in range(len(self.x))]
+        return self._rounds
 
     def summed(self, replica_fn):
         """A function (*args) -> Σ over every block of replica_fn(x_block, y_block, mask_block, *args), a list."""
@@ -218,14 +229,10 @@ class _Blocks:
         def round_sum(xb, yb, mb, *args):
             return strategy.reduce("SUM", strategy.run(replica_fn, args=(xb, yb, mb, *args)), axis=None)
 
-        def per_replica(array, r):
-            return strategy.experimental_distribute_values_from_function(
-                lambda ctx: tf.constant(array[r, ctx.replica_id_in_sync_group]))
-
         def total(*args):
             out = None
-            for r in range(len(self.x)):
-                part = round_sum(per_replica(self.x, r), per_replica(self.y, r), per_replica(self.mask, r), *args)
+            for blocks in self._distributed():
+                part = round_sum(*blocks, *args)
                 out = part if out is None else [a + b for a, b in zip(out, part)]
             return out
 
