@@ -15,7 +15,7 @@ from kerasntk.callbacks import HessianMonitor
 
 # Tiny zoo models: Dense, Conv1D with stride, inference-mode BatchNorm with non-trivial moving statistics,
 # and (slow) a ResNet's residual graph with BatchNorm, whose variables of more than 600 entries are frozen
-# so the dense Hessian stays small (P = 51, 117 and 1,723).
+# so the dense Hessian stays small (P = 51, 117 and 1,811).
 ZOO = {"mlp": ((5,), dict(hidden=(4, 3))), "cnn1d": ((12, 1), dict(channels=3, batchnorm=True)),
        "resnet20": ((8, 8, 3), dict(depth=8))}
 CASES = ["mlp", "cnn1d", pytest.param("resnet20", marks=pytest.mark.slow)]
