@@ -2,12 +2,12 @@
 batch, and the cost of the curvature measurements per checkpoint at the default run's sizes.
 
     python benchmarks/hessian.py                      # both tables
-    python benchmarks/hessian.py --rounds 5 --repeats 5
+    python benchmarks/hessian.py --rounds 8
 
 Ratio table: `hvp_fn` and `gradient_fn` (the same blocked, strategy-spread machinery, one block of the
-batch), float32, random weights; each round times `repeats` calls of one side, then of the other (the order
-alternates between rounds) after an untimed first call (tracing); reported: the median time per side over
-all calls, the ratio of medians, and the min-max of the per-round ratios of medians.
+batch), float32, random weights; each round times a row's number of calls of one side, then of the other
+(the order alternates between rounds) after an untimed first call (tracing). Reported: the median time per
+side over all calls, and the ratio HVP / gradient of each round's medians: its median and min-max over rounds.
 
 Per-checkpoint table: top-1 eigenvalue by `--lanczos-steps` Lanczos steps plus the trace by `--probes`
 Hutchinson probes, on a subset of `--subset` mnist1d training examples in blocks of `--batch`, the default
@@ -26,9 +26,9 @@ import numpy as np  # noqa: E402
 
 from kerasntk import data, hessian, models  # noqa: E402
 
-RATIO_ROWS = {  # name: (zoo model, options, input shape, batch)
-    "cnn1d (mnist1d, default run)": ("cnn1d", {}, (40, 1), 512),
-    "ResNet-20 (CIFAR-10 shape, BN)": ("resnet20", {}, (32, 32, 3), 128),
+RATIO_ROWS = {  # name: (zoo model, options, input shape, batch, calls per side and round: ~0.5 s or more)
+    "cnn1d (mnist1d, default run)": ("cnn1d", {}, (40, 1), 512, 40),
+    "ResNet-20 (CIFAR-10 shape, BN)": ("resnet20", {}, (32, 32, 3), 128, 3),
 }
 
 
@@ -42,7 +42,7 @@ def _timed(fn, repeats):
 
 
 def ratio_row(model_name, options, shape, batch, rounds, repeats):
-    """(median HVP s, median gradient s, ratio of medians, min and max of per-round ratios, parameters)."""
+    """(median HVP s, median gradient s, median, min and max of the per-round ratios, parameters)."""
     keras.utils.set_random_seed(0)
     model = models.get(model_name, shape, 10, **options)
     rng = np.random.default_rng(0)
@@ -60,8 +60,11 @@ def ratio_row(model_name, options, shape, batch, rounds, repeats):
             this[side] = _timed(sides[side], repeats)
             times[side] += this[side]
         per_round.append(np.median(this["hvp"]) / np.median(this["gradient"]))
-    h, g = np.median(times["hvp"]), np.median(times["gradient"])
-    return h, g, h / g, min(per_round), max(per_round), hvp.size
+    return np.median(times["hvp"]), np.median(times["gradient"]), *_spread(per_round), hvp.size
+
+
+def _spread(values):
+    return np.median(values), min(values), max(values)
 
 
 def checkpoint_row(subset, batch, lanczos_steps, probes, rounds):
@@ -78,24 +81,24 @@ def checkpoint_row(subset, batch, lanczos_steps, probes, rounds):
         hessian.top_eigenvalues(hvp, 1, lanczos_steps)
         hessian.trace(hvp, probes)
         seconds.append(time.perf_counter() - start)
-    return np.median(seconds), min(seconds), max(seconds), hvp.size
+    return *_spread(seconds), hvp.size
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--subset", type=int, default=1000)
     parser.add_argument("--batch", type=int, default=500)
     parser.add_argument("--lanczos-steps", type=int, default=20)
     parser.add_argument("--probes", type=int, default=20)
     args = parser.parse_args()
-    print(f"one HVP vs one gradient, same batch ({args.rounds} rounds x {args.repeats} calls, sides alternating)")
-    print("| model | parameters | batch | HVP s | gradient s | ratio | per-round ratio min-max |")
-    print("|---|---|---|---|---|---|---|")
-    for name, (model_name, options, shape, batch) in RATIO_ROWS.items():
-        h, g, ratio, lo, hi, size = ratio_row(model_name, options, shape, batch, args.rounds, args.repeats)
-        print(f"| {name} | {size:,} | {batch} | {h:.4f} | {g:.4f} | {ratio:.2f} | {lo:.2f}-{hi:.2f} |", flush=True)
+    print(f"one HVP vs one gradient, same batch ({args.rounds} rounds, sides alternating)")
+    print("| model | parameters | batch | calls per side and round | HVP s | gradient s | ratio median | ratio min-max |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, (model_name, options, shape, batch, calls) in RATIO_ROWS.items():
+        h, g, ratio, lo, hi, size = ratio_row(model_name, options, shape, batch, args.rounds, calls)
+        print(f"| {name} | {size:,} | {batch} | {calls} | {h:.4f} | {g:.4f} | {ratio:.2f} | {lo:.2f}-{hi:.2f} |",
+              flush=True)
     median, lo, hi, size = checkpoint_row(args.subset, args.batch, args.lanczos_steps, args.probes, args.rounds)
     print(f"\nper checkpoint: top-1 eigenvalue ({args.lanczos_steps} Lanczos steps) + trace ({args.probes} probes), "
           f"cnn1d ({size:,} parameters) on {args.subset} mnist1d examples in blocks of {args.batch}")

@@ -281,7 +281,9 @@ class HessianMonitor(_Timed):
 
     def latest(self):
         """The logged scalars of the latest measurement (NaN before the first)."""
-        return {k: self.rows[-1][k] for k in HESSIAN_LOG_KEYS} if self.rows else dict.fromkeys(HESSIAN_LOG_KEYS, float("nan"))
+        if not self.rows:
+            return dict.fromkeys(HESSIAN_LOG_KEYS, float("nan"))
+        return {k: self.rows[-1][k] for k in HESSIAN_LOG_KEYS}
 
     def _act(self, step, logs):
         start = _time.perf_counter()

@@ -106,8 +106,9 @@ def test_top_eigenvalues_and_trace_match_the_dense_hessian(name):
 
 
 def test_hvp_matches_central_differences_of_gradients():
-    """H·v ≈ (∇L(w + hv) − ∇L(w − hv)) / 2h with h = 1e-5, ‖v‖ = 1: truncation O(h²‖∇³L‖) ~ 1e-10 and rounding
-    O(ε‖∇L‖/h) ~ 1e-11, so 1e-6 of ‖Hv‖∞ is a bound ReLU kinks crossed by ±h could break, not rounding."""
+    """H·v ≈ (∇L(w + hv) − ∇L(w − hv)) / 2h with h = 1e-5, ‖v‖ = 1: truncation O(h²‖∇³L‖) ~ 1e-10 and
+    rounding O(ε‖∇L‖/h) ~ 1e-11, so 1e-6 of ‖Hv‖∞ is a bound ReLU kinks crossed by ±h could break, not
+    rounding. The blocked gradient itself is checked against the tape's gradient of the loss written out."""
     model, x, y, H = _case("cnn1d")
     hvp = hessian.hvp_fn(model, x, y, weight_decay=WD, batch_size=4)
     gradient = hessian.gradient_fn(model, x, y, weight_decay=WD, batch_size=4)
@@ -170,7 +171,8 @@ def test_hessian_monitor_logs_the_direct_functions_values(tmp_path):
     set_float("float32")
     keras.utils.set_random_seed(0)
     model = models.get("mlp", (12,), O, hidden=(4,), batchnorm=True)
-    model.compile(optimizer=keras.optimizers.SGD(0.1), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.compile(optimizer=keras.optimizers.SGD(0.1),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     rng = np.random.default_rng(6)
     x, y = rng.normal(size=(32, 12)).astype("float32"), rng.integers(0, O, 32)
     monitor = HessianMonitor(x[:12], y[:12], weight_decay=WD, batch_size=8, lanczos_steps=10, num_probes=5,

@@ -304,7 +304,9 @@ def _per_layer_against_single_layers(model, x1, x2, implementation):
 
 @pytest.mark.parametrize("name, implementation", [
     ("mixed", "auto"),
-    pytest.param("cnn1d", "auto", marks=pytest.mark.slow), pytest.param("mixed", "jacobian", marks=pytest.mark.slow), pytest.param("resnet20", "auto", marks=pytest.mark.slow),
+    pytest.param("cnn1d", "auto", marks=pytest.mark.slow),
+    pytest.param("mixed", "jacobian", marks=pytest.mark.slow),
+    pytest.param("resnet20", "auto", marks=pytest.mark.slow),
 ])
 def test_per_layer_kernels_are_single_layer_kernels_summing_to_the_kernel(name, implementation):
     """Θ = Σ_l Θ_l, each Θ_l the kernel of layer l's variables alone (float64: to rounding, as TIGHT); "mixed"
