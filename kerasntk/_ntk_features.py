@@ -31,6 +31,16 @@ def functional_graph(model):
     return None
 
 
+def trainable_layers(model):
+    """The layers whose trainable variables the NTK differentiates, in graph order: the operations of a
+    functional graph owning trainable variables (a nested model counts as one), or the model itself if
+    subclassed. The per-layer kernel has one entry per layer, in this order."""
+    graph = functional_graph(model)
+    if graph is None:
+        return [model]
+    return [op for op in graph.operations if _trainable(op)]
+
+
 def _trainable(op):
     """The trainable variables an operation owns (none for plain ops and frozen layers)."""
     return list(getattr(op, "trainable_variables", []) or [])
@@ -90,9 +100,10 @@ class Features:
     trace kernel (N1, N2), full kernel (N1, N2, O, O) otherwise.
     """
 
-    def __init__(self, model, out_dim, structured, dtype, trace):
+    def __init__(self, model, out_dim, structured, dtype, trace, per_layer=False):
         self.model, self.out_dim, self.structured, self.dtype, self.trace = model, out_dim, structured, dtype, trace
-        self.graph = functional_graph(model)
+        self.graph, self.per_layer = functional_graph(model), per_layer
+        self.layers = trainable_layers(model)
         self._shared = self._shared_layers()
 
     def _shared_layers(self):
@@ -134,19 +145,20 @@ class Features:
         return self.graph._run_through_graph([x], operation_fn=wrap)
 
     def features(self, x):
-        """Features of block `x` (N, ...): ([per-layer Jacobians (N, O, F_l)], [(X (N, k), G (N, O, c)) per Gram layer])."""
+        """Features of block `x` (N, ...), one ([Jacobians (N, O, F)], [(X (N, k), G (N, O, c)) Gram terms]) per
+        layer of `self.layers`."""
         n = x.shape[0]
         records = []
         with tf.GradientTape(persistent=True) as tape:
             y = tf.nest.flatten(self._forward(x, tape, records))[0]
             total = tf.reduce_sum(y, axis=0)  # examples are independent: row a holds every ∂f_a(x_i)
         cotangents = tape.jacobian(total, [r[3] for r in records], unconnected_gradients="zero", experimental_use_pfor=True)
-        jacobians, grams = {}, []
+        jacobians, grams = {}, {}
         for (op, kind, inputs, outputs), grads in zip(records, cotangents):
             if kind == "batchnorm":
                 jac = self._batchnorm_jacobian(op, inputs, grads[0], n)
             elif kind and id(op) not in self._shared and outputs[0].shape[1:-1].num_elements() == 1:
-                grams.append(self._gram_term(op, kind, inputs, grads[0], n))
+                grams.setdefault(id(op), []).append(self._gram_term(op, kind, inputs, grads[0], n))
                 continue
             elif kind:
                 jac = self._structured_jacobian(op, kind, inputs, grads[0], n)
@@ -154,7 +166,7 @@ class Features:
                 jac = [self._layer_jacobian(op, inputs, grads, n)]
             previous = jacobians.get(id(op))
             jacobians[id(op)] = jac if previous is None else [a + b for a, b in zip(previous, jac)]
-        return [self._cast(j) for jac in jacobians.values() for j in jac], grams
+        return [([self._cast(j) for j in jacobians.get(id(op), [])], grams.get(id(op), [])) for op in self.layers]
 
     def _cast(self, t):
         return tf.cast(t, self.dtype)
@@ -225,10 +237,20 @@ class Features:
         return tf.transpose(tf.reshape(jac, (o, n, -1)), [1, 0, 2])
 
     def contract(self, f1, f2):
-        """Kernel block from two blocks' features: (N1, N2, O, O), or (N1, N2) averaged over logits if trace."""
+        """Kernel block from two blocks' features: (N1, N2, O, O), or (N1, N2) averaged over logits if trace;
+        with per_layer, one such block per layer of `self.layers` along a leading axis."""
+        n1, n2 = _rows(f1), _rows(f2)
+        k = [self._contract_layer(a, b, n1, n2) for a, b in zip(f1, f2)]
+        k = tf.stack(k) if self.per_layer else tf.add_n(k)
+        if self.trace:
+            return k
+        lead = list(range(k.shape.rank - 4))
+        return tf.transpose(k, lead + [i + len(lead) for i in (0, 2, 1, 3)])
+
+    def _contract_layer(self, f1, f2, n1, n2):
+        """One layer's kernel block: (N1, N2) for the trace kernel, (N1, O, N2, O) for the full one."""
         (jacs1, grams1), (jacs2, grams2) = f1, f2
         o = self.out_dim
-        n1, n2 = _rows(f1), _rows(f2)
         if self.trace:
             k = tf.zeros((n1, n2), self.dtype)
             for j1, j2 in zip(jacs1, jacs2):
@@ -243,10 +265,12 @@ class Features:
         for (x1, g1), (x2, g2) in zip(grams1, grams2):
             gg = tf.reshape(tf.matmul(tf.reshape(g1, (n1 * o, -1)), tf.reshape(g2, (n2 * o, -1)), transpose_b=True), (n1, o, n2, o))
             k += tf.matmul(x1, x2, transpose_b=True)[:, None, :, None] * gg
-        return tf.transpose(k, [0, 2, 1, 3])
+        return k
 
 
 def _rows(features):
     """Number of examples in a block's features."""
-    jacs, grams = features
-    return jacs[0].shape[0] if jacs else grams[0][0].shape[0]
+    for jacs, grams in features:
+        if jacs or grams:
+            return jacs[0].shape[0] if jacs else grams[0][0].shape[0]
+    raise ValueError("no layer with trainable variables contributed features")

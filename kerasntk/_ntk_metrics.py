@@ -164,3 +164,24 @@ def trajectory_metrics(kernels, times, y, learning_rates=None, dt=None):
         "kernel_effective_rank": np.array([effective_rank(K) for K in kernels]),
     }
     return metrics, S
+
+
+def layer_trajectory_metrics(kernels, times, y=None, dt=None):
+    """Per-layer metrics of a per-layer kernel trajectory, kernels (T, L, N, N[, O, O]) at `times`: a dict
+    name -> array (T, L) of kernel_distance_from_init, kernel_velocity (as `kernel_velocity(..., dt)`) and,
+    with labels y, kernel_alignment (centred). Layer l's values are those of its kernel Θ_l alone."""
+    kernels = [np.asarray(K) for K in kernels]
+    if not kernels or kernels[0].ndim not in (3, 5) or any(K.shape != kernels[0].shape for K in kernels):
+        raise ValueError("kernels must be per-layer kernels (L, N, N) or (L, N, N, O, O) of one shape, got shapes "
+                         f"{[K.shape for K in kernels]}")
+    times = _check_times(times, len(kernels))
+    metrics = {"kernel_distance_from_init": [], "kernel_velocity": []}
+    if y is not None:
+        metrics["kernel_alignment"] = []
+    for layer in range(kernels[0].shape[0]):
+        S = distance_matrix([K[layer] for K in kernels])
+        metrics["kernel_distance_from_init"].append(S[0])
+        metrics["kernel_velocity"].append(velocity_from(lambda i, j: S[i, j], times, dt))
+        if y is not None:
+            metrics["kernel_alignment"].append([kernel_alignment(K[layer], y, centered=True) for K in kernels])
+    return {name: np.array(values, np.float64).T for name, values in metrics.items()}

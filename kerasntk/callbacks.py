@@ -7,6 +7,8 @@
   `kerasntk spawn RUN_DIR --time T --child C` reads, so children can be launched from a plain `fit` run.
 - `LandscapeProbe`: at the end of training, error/loss barriers and disagreement between the trained
   model and reference weights (e.g. a sibling run's `.weights.h5`), into `logs` and NetCDF.
+- `HessianMonitor`: the training loss's sharpness (top Hessian eigenvalue) and Hessian trace on a fixed
+  subset at chosen times, into `logs` and NetCDF.
 
 Times follow Keras: hooks count epochs from 0, and a time t (in epochs, fractional allowed, or
 "<n>it" in optimizer steps) means "after t epochs of training", i.e. `optimizer.iterations == t·steps`.
@@ -25,10 +27,11 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from kerasntk import config as cfg  # noqa: E402
-from kerasntk import data, fs, landscape, ntk, results, rundir, training  # noqa: E402
+from kerasntk import data, fs, hessian, landscape, ntk, results, rundir, training  # noqa: E402
 from kerasntk._ntk_metrics import distance_matrix, velocity_from  # noqa: E402
 
 LOG_KEYS = ("ntk_velocity", "ntk_distance_from_init", "ntk_alignment", "ntk_effective_rank")
+HESSIAN_LOG_KEYS = ("hessian_top_eigenvalue", "hessian_trace", "hessian_trace_stderr")
 
 
 # -- when to act --------------------------------------------------------------------------------------------
@@ -226,6 +229,95 @@ class NTKMonitor(_Timed):
         return dict(callback="NTKMonitor", every=every, trace_axes=list(self.trace_axes),
                     implementation=self._ntk_fn.implementation, batch_size=self.batch_size,
                     probe_size=len(self.x_probe), model=self.model.name)
+
+
+# -- HessianMonitor -----------------------------------------------------------------------------------------
+
+
+class HessianMonitor(_Timed):
+    """The training loss's curvature on a fixed subset during `fit` (`kerasntk.hessian`): the top Hessian
+    eigenvalue (sharpness; gradient descent is unstable above 2/lr) and the Hessian trace.
+
+    x, y: the subset (integer labels), e.g. `kerasntk.data.probe_subset(x_train, y_train, 512, seed=0)`.
+    every: as `NTKMonitor`. weight_decay: a coupled L2 coefficient to add as kerasntk's trainer does
+      (½·λ‖w‖²; 0 when the model trains without one; Keras regularizer losses are not included).
+    batch_size, strategy: as `kerasntk.hessian.hvp_fn`. lanczos_steps: Lanczos steps for the eigenvalue;
+      num_probes: Hutchinson probes for the trace; seed: of both.
+    path, write_every, verbose: as `NTKMonitor`; the file holds `parent(time, metric)` with the three
+      logged metrics and the learning rate.
+
+    Into `logs` at every epoch end (the latest measurement; NaN before the first): `hessian_top_eigenvalue`,
+    `hessian_trace`, `hessian_trace_stderr` (Hutchinson's standard error). Each measurement costs
+    lanczos_steps + num_probes Hessian-vector products over the subset, about 2-3 gradients each.
+    """
+
+    def __init__(self, x, y, *, every="epoch", weight_decay=0.0, batch_size=256, strategy=None, lanczos_steps=20,
+                 num_probes=20, seed=0, path=None, write_every=1, verbose=0):
+        super().__init__(every, "HessianMonitor")
+        self.x, self.y = np.asarray(x), np.asarray(y)
+        for name, value in (("lanczos_steps", lanczos_steps), ("num_probes", num_probes), ("write_every", write_every)):
+            if not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"HessianMonitor: {name}={value!r} must be a positive integer")
+        self.weight_decay, self.batch_size, self.strategy = float(weight_decay), batch_size, strategy
+        self.lanczos_steps, self.num_probes, self.seed = int(lanczos_steps), int(num_probes), int(seed)
+        self.path, self.write_every, self.verbose = path, int(write_every), verbose
+        self.steps, self.times, self.rows = [], [], []
+        self._hvp, self._attrs = None, None
+
+    def on_train_begin(self, logs=None):
+        if self._hvp is None:
+            self._hvp = hessian.hvp_fn(self.model, self.x, self.y, weight_decay=self.weight_decay,
+                                       batch_size=self.batch_size, strategy=self.strategy)
+            self._attrs = results.global_attrs(self._settings(), dict(seed=self.seed))
+        super().on_train_begin(logs)
+
+    def on_epoch_end(self, epoch, logs=None):
+        super().on_epoch_end(epoch, logs)
+        if logs is not None:
+            logs.update(self.latest())
+
+    def on_train_end(self, logs=None):
+        self.flush()
+
+    def latest(self):
+        """The logged scalars of the latest measurement (NaN before the first)."""
+        if not self.rows:
+            return dict.fromkeys(HESSIAN_LOG_KEYS, float("nan"))
+        return {k: self.rows[-1][k] for k in HESSIAN_LOG_KEYS}
+
+    def _act(self, step, logs):
+        start = _time.perf_counter()
+        top = hessian.top_eigenvalues(self._hvp, 1, self.lanczos_steps, self.seed)[0]
+        estimate, stderr = hessian.trace(self._hvp, self.num_probes, self.seed)
+        row = dict(hessian_top_eigenvalue=float(top), hessian_trace=estimate, hessian_trace_stderr=stderr,
+                   learning_rate=float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)))
+        self.steps.append(step)
+        self.times.append(self.epochs(step))
+        self.rows.append(row)
+        if self.verbose:
+            print(f"HessianMonitor: epoch {self.times[-1]:g} (step {step}): "
+                  + ", ".join(f"{k} {v:.4g}" for k, v in row.items()) + f" ({_time.perf_counter() - start:.2f} s)",
+                  flush=True)
+        if len(self.rows) % self.write_every == 0:
+            self.flush()
+
+    def dataset(self):
+        """The measurements so far as an xarray.Dataset `parent(time, metric)` in the kerasntk results schema."""
+        if not self.rows:
+            raise ValueError("HessianMonitor has no measurement yet")
+        metrics = {k: np.array([r[k] for r in self.rows]) for k in (*HESSIAN_LOG_KEYS, "learning_rate")}
+        return results.parent_dataset(self.steps, np.array(self.times), metrics, attrs=self._attrs)
+
+    def flush(self):
+        """Write the measurements so far to `path` atomically (no-op without a path or a measurement)."""
+        if self.path and self.rows:
+            results.write_atomic(self.dataset(), self.path)
+
+    def _settings(self):
+        every = self._every if not isinstance(self._every, list) else [str(d) for d in self._every]
+        return dict(callback="HessianMonitor", every=every, weight_decay=self.weight_decay,
+                    batch_size=self.batch_size, subset_size=len(self.x), lanczos_steps=self.lanczos_steps,
+                    num_probes=self.num_probes, model=self.model.name)
 
 
 # -- SpawnCheckpoint ----------------------------------------------------------------------------------------

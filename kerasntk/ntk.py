@@ -35,20 +35,22 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from kerasntk._ntk_features import Features, functional_graph  # noqa: E402
+from kerasntk._ntk_features import Features, functional_graph, trainable_layers  # noqa: E402
 from kerasntk._ntk_metrics import (  # noqa: E402,F401  (re-exported public API)
     effective_rank,
     eigenvalues,
     kernel_alignment,
     kernel_distance,
     kernel_velocity,
+    layer_trajectory_metrics,
     trajectory_metrics,
 )
 
 from kerasntk.config import NTK_IMPLEMENTATIONS as IMPLEMENTATIONS  # noqa: E402  (one list: the config schema's)
 
 
-def empirical_ntk_fn(model, *, trace_axes=(-1,), implementation="auto", batch_size=None, dtype=None, strategy=None):
+def empirical_ntk_fn(model, *, trace_axes=(-1,), implementation="auto", batch_size=None, dtype=None, strategy=None,
+                     per_layer=False):
     """A function `ntk(x1, x2=None, *, out=None)` computing the empirical NTK of `model` as numpy.
 
     trace_axes: () for the full kernel (N1, N2, O, O); (-1,) for the trace kernel (N1, N2), averaged over logits.
@@ -60,17 +62,25 @@ def empirical_ntk_fn(model, *, trace_axes=(-1,), implementation="auto", batch_si
     `ntk(x1)` is Θ(x1, x1), computing only the upper block triangle. `out` may be a path ending in .npy
     (memory-mapped array) or .nc (NetCDF) to write the kernel block by block; the lazily read kernel is
     returned (see `open_kernel`).
+    per_layer: the kernel decomposed over the layers with trainable variables, Θ = Σ_l Θ_l, along a leading
+      `layer` axis (L, N1, N2[, O, O]); the function's `layer_names` name them (a nested model or a
+      subclassed one counts as one layer). Not with implementation "ntk_vp".
     """
     trace = _check_trace_axes(trace_axes)
     implementation = _check_implementation(model, implementation)
+    if per_layer and implementation == "ntk_vp":
+        raise ValueError("per_layer needs implementation 'auto', 'structured' or 'jacobian'; 'ntk_vp' forms no "
+                         "per-layer pieces")
     if batch_size is not None and (not isinstance(batch_size, (int, np.integer)) or batch_size < 1):
         raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
-    engine = _Engine(model, implementation, trace, _check_dtype(model, dtype))
+    engine = _Engine(model, implementation, trace, _check_dtype(model, dtype), bool(per_layer))
 
     def ntk(x1, x2=None, *, out=None):
         return engine.kernel(x1, x2, batch_size, strategy, out)
 
     ntk.implementation = implementation
+    if per_layer:
+        ntk.layer_names = tuple(layer.name for layer in trainable_layers(model))
     return ntk
 
 
@@ -152,8 +162,8 @@ def _as_input(model, x):
 class _Engine:
     """Computes a kernel block by block: cached row-block features, upper triangle when symmetric."""
 
-    def __init__(self, model, implementation, trace, dtype):
-        self.model, self.trace, self.dtype = model, trace, dtype
+    def __init__(self, model, implementation, trace, dtype, per_layer=False):
+        self.model, self.trace, self.dtype, self.per_layer = model, trace, dtype, per_layer
         self.implementation, self.out_dim = implementation, None
         self.pair = tf.function(self._pair)
         self._distributed = {}
@@ -167,7 +177,8 @@ class _Engine:
             raise ValueError(f"model {self.model.name!r} must output one (batch, logits) tensor, got {y!r}")
         self.out_dim = int(y.shape[-1])
         if self.implementation != "ntk_vp":
-            self.feats = Features(self.model, self.out_dim, self.implementation == "structured", self.dtype, self.trace)
+            self.feats = Features(self.model, self.out_dim, self.implementation == "structured", self.dtype, self.trace,
+                                  self.per_layer)
             self.features = tf.function(self.feats.features)
             self.contract = tf.function(self.feats.contract)
 
@@ -193,14 +204,17 @@ class _Engine:
         else:
             pairs = [(i, j) for i in range(len(blocks1)) for j in range(len(blocks2))]
         shape = (x1.shape[0], x2.shape[0]) + (() if self.trace else (self.out_dim,) * 2)
-        sink = _Sink(shape, self.dtype.as_numpy_dtype, out)
+        layers = [layer.name for layer in self.feats.layers] if self.per_layer else None
+        sink = _Sink((len(layers), *shape) if layers else shape, self.dtype.as_numpy_dtype, out, layers)
+        lead = (slice(None),) if layers else ()  # the per-layer kernel's leading layer axis
 
         def write(i, j, k):
             (s1, e1, _), (s2, e2, _) = blocks1[i], blocks2[j]
-            k = np.asarray(k)[: e1 - s1, : e2 - s2]
-            sink[s1:e1, s2:e2] = k
+            k = np.asarray(k)[lead + (slice(e1 - s1), slice(e2 - s2))]
+            sink[lead + (slice(s1, e1), slice(s2, e2))] = k
             if sym and i != j:
-                sink[s2:e2, s1:e1] = np.swapaxes(k, 0, 1) if self.trace else k.transpose(1, 0, 3, 2)
+                k = np.swapaxes(k, len(lead), len(lead) + 1)
+                sink[lead + (slice(s2, e2), slice(s1, e1))] = k if self.trace else np.swapaxes(k, -1, -2)
 
         if strategy is not None and strategy.num_replicas_in_sync > 1:
             self._run_distributed(strategy, blocks1, blocks2, pairs, write)
@@ -265,7 +279,7 @@ def _blocks(x, batch_size):
 class _Sink:
     """Where kernel blocks go: a numpy array, a memory-mapped .npy file, or a NetCDF variable."""
 
-    def __init__(self, shape, dtype, path):
+    def __init__(self, shape, dtype, path, layers=None):
         self.path, self._nc = path, None
         if path is None:
             self.array = np.zeros(shape, dtype)
@@ -275,9 +289,12 @@ class _Sink:
             import netCDF4
 
             self._nc = netCDF4.Dataset(path, "w")
-            dims = ("example", "example_b", "logit", "logit_b")[: len(shape)]
+            dims = ("example", "example_b", "logit", "logit_b")[: len(shape) - bool(layers)]
+            dims = ("layer", *dims) if layers else dims
             for name, size in zip(dims, shape):
                 self._nc.createDimension(name, size)
+            if layers:
+                self._nc.createVariable("layer", str, ("layer",))[:] = np.array(layers, dtype=object)
             self.array = self._nc.createVariable("kernel", dtype, dims)
             self.array.long_name = "empirical neural tangent kernel"
             self.array.units = "1"

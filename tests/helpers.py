@@ -2,7 +2,9 @@
 
 import pathlib
 
+import keras
 import numpy as np
+import pytest
 
 from kerasntk import data
 
@@ -63,3 +65,30 @@ def checkpoint_values(run_dir):
         stored = {k: v for k, v in json.loads(meta.read_text()).items() if k != "files"}
         values[str(meta.parent.relative_to(run_dir))] = ({n: reader.get_tensor(n).tolist() for n in names}, stored)
     return values
+
+
+def set_float(dtype):
+    """Keras caches the global dtype policy on first use, so set it along with floatx."""
+    keras.config.set_floatx(dtype)
+    keras.config.set_dtype_policy(dtype)
+
+
+@pytest.fixture
+def float64():
+    """Build models in float64 so that references are exact to rounding (import it into a test module and
+    request it, e.g. with `pytest.mark.usefixtures`); floatx and the dtype policy are restored after the test."""
+    floatx, policy = keras.config.floatx(), keras.config.dtype_policy().name
+    set_float("float64")
+    yield
+    keras.config.set_floatx(floatx)
+    keras.config.set_dtype_policy(policy)
+
+
+def randomize(model, seed=0):
+    """Random weights and BatchNorm moving statistics, so inference-mode BatchNorm is not the identity."""
+    rng = np.random.default_rng(seed)
+    for w in model.weights:
+        scale = 1 / np.sqrt(np.prod(w.shape[:-1]) or 1)
+        value = rng.uniform(0.5, 1.5, w.shape) if "variance" in w.path else rng.normal(scale=scale, size=w.shape)
+        w.assign(value)
+    return model

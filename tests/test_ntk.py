@@ -10,7 +10,10 @@ import tensorflow as tf
 import xarray as xr
 from keras import layers
 
+from helpers import float64, randomize, set_float  # noqa: F401  (the float64 fixture, used by every test)
 from kerasntk import models, ntk
+
+pytestmark = pytest.mark.usefixtures("float64")  # every model in float64, so references are exact to rounding
 
 # Tiny versions of every zoo model: together they cover Dense, Conv1D/Conv2D with strides, BatchNorm in
 # inference mode (with non-trivial moving statistics), residual Add, projections, average/global pooling.
@@ -27,35 +30,9 @@ O = 3  # logits of the test models
 TIGHT = dict(rtol=1e-9)
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    """Build every test model in float64 so that references are exact to rounding."""
-    floatx, policy = keras.config.floatx(), keras.config.dtype_policy().name
-    _set_float("float64")
-    yield
-    keras.config.set_floatx(floatx)
-    keras.config.set_dtype_policy(policy)
-
-
-def _set_float(dtype):
-    """Keras caches the global dtype policy on first use, so set it along with floatx."""
-    keras.config.set_floatx(dtype)
-    keras.config.set_dtype_policy(dtype)
-
-
-def _randomize(model, seed=0):
-    """Random weights and BatchNorm moving statistics, so inference-mode BatchNorm is not the identity."""
-    rng = np.random.default_rng(seed)
-    for w in model.weights:
-        scale = 1 / np.sqrt(np.prod(w.shape[:-1]) or 1)
-        value = rng.uniform(0.5, 1.5, w.shape) if "variance" in w.path else rng.normal(scale=scale, size=w.shape)
-        w.assign(value)
-    return model
-
-
 def _zoo(name, seed=0):
     shape, kw = ZOO[name]
-    return _randomize(models.get(name, shape, O, **kw), seed), shape
+    return randomize(models.get(name, shape, O, **kw), seed), shape
 
 
 def _naive_jacobian(model, x):
@@ -154,7 +131,7 @@ def _mixed_model():
     shared = layers.Dense(4, activation="relu")
     frozen = layers.Dense(3, trainable=False)
     z = layers.Concatenate()([shared(layers.Dense(5)(x)), shared(layers.Dense(5)(y)), frozen(x)])
-    return _randomize(keras.Model(inputs, layers.Dense(O, activation="sigmoid")(z)))
+    return randomize(keras.Model(inputs, layers.Dense(O, activation="sigmoid")(z)))
 
 
 def _conv1d_model():
@@ -165,7 +142,7 @@ def _conv1d_model():
     x = layers.BatchNormalization(axis=1)(x)
     x = layers.Conv1D(2, 2, padding="same")(x)
     x = layers.Dense(3, activation="tanh")(x)
-    return _randomize(keras.Model(inputs, layers.Dense(O)(layers.Flatten()(x))))
+    return randomize(keras.Model(inputs, layers.Dense(O)(layers.Flatten()(x))))
 
 
 class _Subclassed(keras.Model):
@@ -231,7 +208,7 @@ def test_subclassed_model_uses_whole_model_jacobian():
 
 
 def test_sequential_model_is_structured():
-    model = _randomize(keras.Sequential([keras.Input((4,)), layers.Dense(3, activation="relu"), layers.Dense(O)]))
+    model = randomize(keras.Sequential([keras.Input((4,)), layers.Dense(3, activation="relu"), layers.Dense(O)]))
     x = np.random.default_rng(5).normal(size=(3, 4))
     fn = ntk.empirical_ntk_fn(model, trace_axes=())
     assert fn.implementation == "structured"
@@ -249,8 +226,8 @@ def test_ntk_vp_fn_matches_kernel_product():
 
 def test_float64_contraction_of_float32_model():
     """dtype sets the contraction and result dtype; a float32 model's kernel agrees to float32 rounding."""
-    _set_float("float32")
-    model = _randomize(models.get("mlp", (5,), O, hidden=(4, 3)))
+    set_float("float32")
+    model = randomize(models.get("mlp", (5,), O, hidden=(4, 3)))
     x = np.random.default_rng(7).normal(size=(3, 5)).astype("float32")
     k64 = ntk.empirical_ntk_fn(model, dtype="float64")(x)
     k32 = ntk.empirical_ntk_fn(model)(x)
@@ -283,7 +260,7 @@ def test_mirrored_strategy_matches_single_device(name, implementation, mirrored)
 def test_block_pair_compiles_with_xla_for_every_zoo_model(name, implementation):
     """TPU readiness (issue 6): the function each replica runs under a strategy, `_Engine._pair` (features of
     two blocks and their contraction), compiles with XLA for static block shapes, and gives the graph's kernel."""
-    _set_float("float32")  # what TPUs run
+    set_float("float32")  # what TPUs run
     model, shape = _zoo(name)
     x = np.random.default_rng(10).normal(size=(5, *shape)).astype("float32")
     blocks = ntk._blocks(tf.constant(x), 2)  # 5 examples in blocks of 2: the last one is zero-padded
@@ -295,6 +272,78 @@ def test_block_pair_compiles_with_xla_for_every_zoo_model(name, implementation):
     assert "HloModule" in compiled.experimental_get_compiler_ir(xa, xb)(stage="hlo")
     # XLA fuses and reorders float32 sums over up to 8e4 parameters: agreement to ~1e-6 of the kernel's scale
     _close(compiled(xa, xb).numpy(), engine.pair(xa, xb).numpy(), rtol=1e-5)
+
+
+def _per_layer_against_single_layers(model, x1, x2, implementation):
+    """Per-layer trace kernels (padded blocks of 2, symmetric and not) against the kernel computed with only
+    that layer trainable; returns the per-layer kernels of x1 with itself."""
+    fn = ntk.empirical_ntk_fn(model, implementation=implementation, batch_size=2, per_layer=True)
+    pieces, cross = fn(x1), fn(x1, x2)
+    assert pieces.shape == (len(fn.layer_names), len(x1), len(x1)) and len(set(fn.layer_names)) == len(fn.layer_names)
+    layers, variables = {layer.name: layer.trainable for layer in model.layers}, [v.trainable for v in model.weights]
+
+    def restore():
+        for layer in model.layers:
+            layer.trainable = layers[layer.name]
+        for v, flag in zip(model.weights, variables):
+            v.trainable = flag
+
+    try:
+        for index, name in enumerate(fn.layer_names):
+            for layer in model.layers:  # freeze the others (setting a layer trainable would unfreeze its variables)
+                if layer.name != name:
+                    layer.trainable = False
+            alone = ntk.empirical_ntk_fn(model, implementation=implementation, batch_size=2)
+            _close(pieces[index], alone(x1), **TIGHT)
+            _close(cross[index], alone(x1, x2), **TIGHT)
+            restore()
+    finally:
+        restore()
+    return pieces
+
+
+@pytest.mark.parametrize("name, implementation", [
+    ("mixed", "auto"),
+    pytest.param("cnn1d", "auto", marks=pytest.mark.slow),
+    pytest.param("mixed", "jacobian", marks=pytest.mark.slow),
+    pytest.param("resnet20", "auto", marks=pytest.mark.slow),
+])
+def test_per_layer_kernels_are_single_layer_kernels_summing_to_the_kernel(name, implementation):
+    """Θ = Σ_l Θ_l, each Θ_l the kernel of layer l's variables alone (float64: to rounding, as TIGHT); "mixed"
+    has a shared layer (both calls in one piece) and a frozen layer (no piece)."""
+    model = _zoo(name)[0] if name in ZOO else _mixed_model()
+    shape = model.inputs[0].shape[1:]
+    rng = np.random.default_rng(11)
+    x1, x2 = rng.normal(size=(5, *shape)), rng.normal(size=(3, *shape))
+    pieces = _per_layer_against_single_layers(model, x1, x2, implementation)
+    _close(pieces.sum(axis=0), ntk.empirical_ntk_fn(model, batch_size=2, implementation=implementation)(x1), **TIGHT)
+    full = ntk.empirical_ntk_fn(model, trace_axes=(), per_layer=True, implementation=implementation)
+    _close(full(x1, x2).sum(axis=0), ntk.empirical_ntk_fn(model, trace_axes=(), implementation=implementation)(x1, x2),
+           **TIGHT)
+
+
+def test_per_layer_kernels_sum_to_the_kernel_in_float32(tmp_path, mirrored):
+    """In float32 the layers' pieces sum to the kernel to 1e-5 of its scale: the same products, summed in
+    another order (float32 rounding ~1e-7 per term, over a few layers' terms). Also spread over 2 replicas
+    (the same per-layer blocks) and written to NetCDF with the layer names as coordinate."""
+    set_float("float32")
+    with mirrored.scope():
+        model, shape = _zoo("cnn1d")
+    x = np.random.default_rng(12).normal(size=(5, *shape)).astype("float32")
+    fn = ntk.empirical_ntk_fn(model, trace_axes=(), batch_size=2, per_layer=True)
+    pieces = fn(x)
+    assert fn.layer_names == ("conv0", "bn0", "conv1", "bn1", "conv2", "bn2", "logits")
+    _close(pieces.sum(axis=0), ntk.empirical_ntk_fn(model, trace_axes=(), batch_size=2)(x), rtol=1e-5)
+    spread = ntk.empirical_ntk_fn(model, trace_axes=(), batch_size=2, per_layer=True, strategy=mirrored)
+    _close(spread(x), pieces, rtol=1e-6)  # the same float32 blocks, computed on another logical device
+    written = fn(x, out=str(tmp_path / "layers.nc"))
+    assert list(written.layer.values) == list(fn.layer_names) and written.dims[0] == "layer"
+    np.testing.assert_array_equal(np.asarray(written), pieces)
+
+
+def test_per_layer_needs_per_layer_features():
+    with pytest.raises(ValueError, match="per_layer needs"):
+        ntk.empirical_ntk_fn(_zoo("mlp")[0], implementation="ntk_vp", per_layer=True)
 
 
 @pytest.mark.parametrize("suffix", [".npy", ".nc"])
@@ -332,7 +381,7 @@ def test_ntk_cli_measures_every_checkpoint_of_a_run(tmp_path):
     from kerasntk import config as cfg
     from helpers import synthetic_arrays
 
-    _set_float("float32")  # the experiment trains in float32
+    set_float("float32")  # the experiment trains in float32
     arrays = synthetic_arrays(n_train=128, n_test=32, shape=(16, 1))
     npz = tmp_path / "tiny.npz"
     np.savez(npz, x_train=arrays.x_train, y_train=arrays.y_train, x_test=arrays.x_test, y_test=arrays.y_test)
@@ -460,6 +509,22 @@ def test_velocity_and_trajectory_metrics():
     assert metrics["kernel_effective_rank"][0] == ntk.effective_rank(kernels[0])
     assert all(m.shape == (4,) for m in metrics.values())
     assert np.all(np.isnan(ntk.trajectory_metrics(kernels, times, y)[0]["kernel_velocity_per_lr"]))
+
+
+def test_layer_trajectory_metrics_are_each_layers_own():
+    """Per-layer distance from init, velocity and alignment equal the whole-kernel metrics of each layer's kernels."""
+    kernels = [np.stack([_psd(4, seed=10 * t + layer) for layer in range(3)]) for t in range(4)]
+    times, y = np.array([0.0, 0.4, 0.8, 2.0]), np.array([0, 1, 0, 1])
+    metrics = ntk.layer_trajectory_metrics(kernels, times, y, dt=0.4)
+    assert set(metrics) == {"kernel_distance_from_init", "kernel_velocity", "kernel_alignment"}
+    for layer in range(3):
+        alone, _ = ntk.trajectory_metrics([K[layer] for K in kernels], times, y, dt=0.4)
+        for name, values in metrics.items():
+            assert values.shape == (4, 3)
+            np.testing.assert_array_equal(values[:, layer], alone[name])
+    assert "kernel_alignment" not in ntk.layer_trajectory_metrics(kernels, times)
+    with pytest.raises(ValueError, match="per-layer kernels"):
+        ntk.layer_trajectory_metrics([_psd(4)], [0.0])
 
 
 def test_velocity_over_a_fixed_dt():
