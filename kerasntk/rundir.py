@@ -6,8 +6,10 @@
     RUN/linearized/sXXXXXXXX/                         the parent's linearization at step X (a JobDir)
     RUN/results/{parent,linearized_s*,child_s*_c*,pair_s*}.nc   one NetCDF file per measurement job
     RUN/results.nc, RUN/figures/*.png|pdf             merged results and figures
+    RUN/failed/<job>.json                             why a job failed (removed when it succeeds)
 
-    JOB/checkpoints/step_XXXXXXXX/{ckpt.*,meta.json}  permanent checkpoints (model, optimizer, step) on the grid
+    JOB/checkpoints/step_XXXXXXXX/{ckpt.*,meta.json}  permanent checkpoints (model, optimizer, step) on the grid;
+                                                      meta.json also records every file's size and SHA-256
     JOB/resume/step_XXXXXXXX/{ckpt.*,meta.json}       the latest in-run checkpoint (older ones are removed)
     JOB/history.json                                  per-epoch losses and errors
     JOB/kernels/step_XXXXXXXX.npy                     the probe-set NTK at a checkpoint (a cache)
