@@ -31,7 +31,7 @@ def test_atomic_file_json_npy_and_listing(root):
     fs.save_npy(fs.join(root, "a", "k.npy"), np.arange(6.0).reshape(2, 3))
     assert fs.read_json(fs.join(root, "a", "x.json")) == {"k": [1, 2]}
     np.testing.assert_array_equal(fs.load_npy(fs.join(root, "a", "k.npy")), np.arange(6.0).reshape(2, 3))
-    assert fs.listdir(fs.join(root, "a")) == ["k.npy", "x.json"] and fs.listdir(fs.join(root, "none")) == []
+    assert fs.listdir(fs.join(root, "a")) == ["k.npy", "k.npy.sha256", "x.json"] and fs.listdir(fs.join(root, "none")) == []
     assert fs.isdir(fs.join(root, "a")) and not fs.exists(fs.join(root, "a", "y.json"))
     with fs.local_path(fs.join(root, "a", "x.json")) as local:
         assert open(local).read().startswith("{")
@@ -62,6 +62,39 @@ def test_atomic_dir_appears_with_its_marker_and_is_read_back(root, tmp_path):
             open(f"{tmp}/data.bin", "wb").write(b"half")
     assert fs.listdir(fs.join(root, "checkpoints")) == ["step_00000003"]
     assert not [p for p in tmp_path.rglob("*") if ".tmp" in p.name]
+
+
+def test_sealed_files_and_checkpoints_verify_and_name_what_is_damaged(root):
+    """A seal (and a checkpoint's recorded sizes and checksums) tells an intact copy from a truncated or
+    bit-flipped one, locally and on the object store."""
+    import tensorflow as tf
+
+    from kerasntk import rundir
+
+    path = fs.join(root, "k.npy")
+    fs.save_npy(path, np.arange(1000.0))
+    assert fs.is_sealed(path) and fs.seal_problem(path) is None
+    with fs.local_path(path) as local:
+        good = open(local, "rb").read()
+    for damaged, problem in ((good[:100], "SHA-256 differs"), (good[:-1] + bytes([good[-1] ^ 1]), "SHA-256 differs")):
+        with fs.atomic_file(path) as tmp:  # an unsealed rewrite: the old seal stays and no longer matches
+            open(tmp, "wb").write(damaged)
+        assert problem in fs.seal_problem(path)
+        with pytest.raises(fs.Damaged, match=f"{path} is damaged .*{problem}"):
+            fs.load_npy(path)
+
+    job = rundir.JobDir(fs.join(root, "job"))
+    job.save_checkpoint(tf.train.Checkpoint(v=tf.Variable(np.arange(100.0))), 7, {})
+    assert job.damaged() == []
+    data = fs.join(job.checkpoint_path(7), "ckpt.data-00000-of-00001")
+    with fs.local_path(data) as local:
+        truncated = open(local, "rb").read()[:10]
+    with fs.atomic_file(data) as tmp:
+        open(tmp, "wb").write(truncated)
+    [(where, why)] = job.damaged()
+    assert where == job.checkpoint_path(7) and why.startswith("ckpt.data-00000-of-00001 has 10 bytes where")
+    with pytest.raises(fs.Damaged, match="has 10 bytes where"):
+        job.read_checkpoint(tf.train.Checkpoint(v=tf.Variable(np.zeros(100))), 7)
 
 
 def test_listings_see_what_another_process_writes_overwrites_and_removes(root):
