@@ -178,8 +178,9 @@ def is_sealed(path):
     return exists(os.fspath(path) + SEAL)
 
 
-def seal_problem(path):
-    """What is wrong with sealed file `path` (missing, no seal, a checksum that differs), or None when intact."""
+def seal_problem(path, copy=None):
+    """What is wrong with sealed file `path` (missing, no seal, a checksum that differs), or None when intact.
+    `copy`: a local copy of it already at hand (a download), hashed instead of reading `path` again."""
     path = os.fspath(path)
     if not exists(path):
         return "the file is missing"
@@ -187,15 +188,16 @@ def seal_problem(path):
         return f"its checksum record {_basename(path)}{SEAL} is missing"
     with open_file(path + SEAL, "r") as f:
         recorded = f.read().split()[:1]
-    if recorded != [sha256(path)]:
+    if recorded != [sha256(copy or path)]:
         return "its SHA-256 differs from the one recorded when it was written"
     return None
 
 
-def verify(path):
-    """Raise `Damaged` if file `path` has a seal it does not match (unsealed files pass: a user's own)."""
+def verify(path, copy=None):
+    """Raise `Damaged` if file `path` (or `copy`, its local copy) has a seal it does not match (unsealed files
+    pass: a user's own)."""
     if exists(os.fspath(path) + SEAL):
-        problem = seal_problem(path)
+        problem = seal_problem(path, copy)
         if problem:
             raise Damaged(path, problem)
 

@@ -199,8 +199,8 @@ def write_atomic(ds, path):
 
 def load(path):
     """A NetCDF file (local or gs://) loaded into memory, verified against its seal if it has one."""
-    fs.verify(path)
     with fs.local_path(path) as local:
+        fs.verify(path, local)
         return xr.load_dataset(local, engine=ENGINE)
 
 
