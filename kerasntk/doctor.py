@@ -158,13 +158,16 @@ def _import_tensorflow(findings):
 
 def _strategy(tf, target, echo, explained):
     """Report the strategy get_strategy chooses (with the TPU `target` asked for) and the devices TensorFlow
-    sees; a TPU that cannot be reached is a finding unless one already `explained` why."""
+    sees; a TPU is not tried when a finding already `explained` why it cannot be used."""
     echo(f"{'imported':16s}tensorflow {tf.__version__} from {os.path.dirname(tf.__file__)}")
+    if explained:
+        echo(f"{'strategy':16s}none: TPU {target!r} not tried (see the errors)")
+        return []
     try:
         strategy = distribute.get_strategy(target)
     except RuntimeError as err:
         echo(f"{'strategy':16s}none: TPU {target!r} cannot be reached")
-        return [] if explained else [_tpu_failure(target, err)]
+        return [_tpu_failure(target, err)]
     echo(f"{'strategy':16s}{type(strategy).__name__} with {strategy.num_replicas_in_sync} replica(s)")
     devices = {}
     for device in tf.config.list_logical_devices():

@@ -88,110 +88,76 @@ def test_tpu_target_order(tmp_path, monkeypatch):
     assert distribute.tpu_target("grpc://10.0.0.3:8470", root=str(root)) == "grpc://10.0.0.3:8470"
 
 
-# Several doctor runs (and one strategy probe) in one interpreter: TensorFlow is imported once. Each scenario
-# sets its environment variables (None: unset) and records exit status, stdout, stderr and warnings logged.
-DOCTOR = """
-import contextlib, io, json, logging, os, sys
-from kerasntk import cli, distribute
+def doctor_cli(capsys, *argv):
+    """(exit status, stdout, the error lines on stderr) of `kerasntk doctor ARGV` run in this process. Safe
+    here: none of these cases reaches TensorFlow's TPU initialization, which would change its context."""
+    from kerasntk import cli
 
-logged = []
-handler = logging.Handler()
-handler.emit = lambda record: logged.append(record.getMessage())
-logging.getLogger("kerasntk").addHandler(handler)
-results = []
-for argv, env in json.loads(sys.argv[1]):
-    for name, value in env.items():
-        os.environ.pop(name, None) if value is None else os.environ.__setitem__(name, value)
-    out, err = io.StringIO(), io.StringIO()
-    logged.clear()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = type(distribute.get_strategy()).__name__ if argv == ["probe"] else cli.main(argv)
-        except BaseException as exc:  # a traceback would be a failure of the one-line contract
-            code = f"raised {type(exc).__name__}: {exc}"
-    results.append({"code": code, "out": out.getvalue(), "err": err.getvalue(), "logged": list(logged)})
-print("RESULTS " + json.dumps(results))
-"""
+    code = cli.main(["doctor", *argv])
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    return code, out, [line for line in err.splitlines() if line.startswith("kerasntk doctor: error:")]
 
 
-@pytest.fixture(scope="module")
-def doctor_runs(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("doctor")
-    prepared, empty, root = tmp / "tfds", tmp / "empty", tmp / "tpuvm"
-    write_tfds_metadata(prepared, "cifar10")
-    empty.mkdir()
-    tpu_vm(root, libtpu=False)
-    no_tpu = {distribute.DEVICE_ROOT_VAR: None, "TPU_NAME": None}
-    scenarios = {
-        "default": (["doctor"], no_tpu),
-        "data": (["doctor", "--data-dir", str(prepared), "--out", str(tmp / "run")], no_tpu),
-        "local": (["doctor", "--tpu", "local"], no_tpu),
-        "tpu_name": (["doctor"], {**no_tpu, "TPU_NAME": "no-such-tpu"}),
-        "probe_name": (["probe"], {**no_tpu, "TPU_NAME": "no-such-tpu"}),
-        "no_data": (["doctor", "--data-dir", str(empty)], no_tpu),
-        "tpu_vm": (["doctor"], {**no_tpu, distribute.DEVICE_ROOT_VAR: str(root)}),
-        "probe_vm": (["probe"], {**no_tpu, distribute.DEVICE_ROOT_VAR: str(root)}),
-    }
-    done = python(DOCTOR, args=[json.dumps(list(scenarios.values()))])
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULTS ")]
-    assert lines, done.stderr[-3000:]
-    return dict(zip(scenarios, json.loads(lines[0][len("RESULTS "):]))), tmp
+@pytest.fixture
+def no_tpu(monkeypatch, tmp_path):
+    for var in CLEAN:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv(distribute.DEVICE_ROOT_VAR, str(tmp_path / "no-devices"))
 
 
-def errors(run):
-    return [line for line in run["err"].splitlines() if line.startswith("kerasntk doctor: error:")]
+def test_doctor_on_this_cpu_machine_exits_0_and_names_the_default_strategy(capsys, no_tpu):
+    code, out, errors = doctor_cli(capsys)
+    assert code == 0 and errors == [], out
+    assert "strategy        _DefaultDistributionStrategy with 1 replica(s)" in out
+    assert "TPU target      none (GPUs or the CPU)" in out and "no problems found" in out
+    assert f"tensorflow      {importlib.metadata.version('tensorflow')}" in out
 
 
-def test_doctor_on_this_cpu_machine_exits_0_and_names_the_default_strategy(doctor_runs):
-    run = doctor_runs[0]["default"]
-    assert run["code"] == 0 and errors(run) == [], run
-    assert "strategy        _DefaultDistributionStrategy with 1 replica(s)" in run["out"]
-    assert "TPU target      none (GPUs or the CPU)" in run["out"] and "no problems found" in run["out"]
-    assert f"tensorflow      {importlib.metadata.version('tensorflow')}" in run["out"]
+def test_doctor_checks_a_data_dir_and_a_run_dir(capsys, no_tpu, tmp_path):
+    write_tfds_metadata(tmp_path / "tfds", "cifar10")
+    code, out, errors = doctor_cli(capsys, "--data-dir", str(tmp_path / "tfds"), "--out", str(tmp_path / "run"))
+    assert code == 0 and errors == [], out
+    assert f"{tmp_path / 'tfds'}: prepared cifar10 " in out
+    assert f"{tmp_path / 'run'}: writable" in out and not (tmp_path / "run").exists()  # the probe cleaned up
+    (tmp_path / "empty").mkdir()
+    code, out, errors = doctor_cli(capsys, "--data-dir", str(tmp_path / "empty"))
+    assert code == 1 and errors == [
+        f"kerasntk doctor: error: data directory {tmp_path / 'empty'} holds none of "
+        f"{', '.join(doctor.TFDS_DATASETS)} prepared; fix: tfds build cifar10 --data_dir {tmp_path / 'empty'} "
+        f"on a machine with internet"]
+    (tmp_path / "file").write_text("")
+    code, out, errors = doctor_cli(capsys, "--out", str(tmp_path / "file" / "run"))
+    assert code == 1 and len(errors) == 1 and errors[0].startswith(
+        f"kerasntk doctor: error: run directory {tmp_path / 'file' / 'run'} is not writable: "), errors
 
 
-def test_doctor_checks_a_data_dir_and_a_run_dir(doctor_runs):
-    runs, tmp = doctor_runs
-    assert runs["data"]["code"] == 0, runs["data"]
-    assert f"{tmp / 'tfds'}: prepared cifar10 " in runs["data"]["out"]
-    assert f"{tmp / 'run'}: writable" in runs["data"]["out"] and not (tmp / "run").exists()  # probe cleaned up
-    assert runs["no_data"]["code"] == 1
-    assert errors(runs["no_data"]) == [f"kerasntk doctor: error: data directory {tmp / 'empty'} holds none of "
-                                       f"{', '.join(doctor.TFDS_DATASETS)} prepared; fix: tfds build cifar10 "
-                                       f"--data_dir {tmp / 'empty'} on a machine with internet"]
-
-
-@pytest.mark.parametrize("scenario, problem", [
-    ("local", "TPU 'local' asked for, but this machine has no TPU device files"),
-    ("tpu_name", "TPU name 'no-such-tpu' cannot be resolved"),
+@pytest.mark.parametrize("argv, env, problem", [
+    (["--tpu", "local"], {}, "TPU 'local' asked for, but this machine has no TPU device files"),
+    ([], {"TPU_NAME": "no-such-tpu"}, "TPU name 'no-such-tpu' cannot be resolved"),
 ])
-def test_doctor_asked_for_an_absent_tpu_exits_1_with_one_line(doctor_runs, scenario, problem):
-    run = doctor_runs[0][scenario]
-    assert run["code"] == 1, run
-    (line,) = errors(run)  # one line: the problem and its fix, no traceback
+def test_doctor_asked_for_an_absent_tpu_exits_1_with_one_line(capsys, no_tpu, monkeypatch, argv, env, problem):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    code, out, errors = doctor_cli(capsys, *argv)
+    assert code == 1, out
+    (line,) = errors  # one line: the problem and its fix, no traceback
     assert line.startswith(f"kerasntk doctor: error: {problem}") and "; fix: " in line, line
-    assert "Traceback" not in run["err"] and "strategy        none:" in run["out"]
+    assert "strategy        none: TPU" in out
 
 
-def test_on_a_tpu_vm_with_the_plain_tensorflow_doctor_names_the_install(doctor_runs):
-    runs, tmp = doctor_runs
-    run = runs["tpu_vm"]
-    assert run["code"] == 1 and "TPU target      'local'" in run["out"], run
-    assert errors(run) == [
+def test_on_a_tpu_vm_with_the_plain_tensorflow_doctor_names_the_install(capsys, no_tpu, monkeypatch, tmp_path):
+    root, _ = tpu_vm(tmp_path, libtpu=False)
+    monkeypatch.setenv(distribute.DEVICE_ROOT_VAR, str(root))
+    code, out, errors = doctor_cli(capsys)
+    assert code == 1 and "TPU target      'local'" in out, out
+    assert errors == [
         f"kerasntk doctor: error: TPU VM with the plain `tensorflow` build, which cannot drive a TPU (no "
         f"tensorflow-tpu); fix: {doctor.INSTALL_TPU}",
         f"kerasntk doctor: error: no libtpu (neither the libtpu package nor /lib/libtpu.so); fix: pip install "
         f"libtpu=={doctor.TPU_STACK['libtpu']}"]
 
 
-@pytest.mark.parametrize("scenario, target", [("probe_vm", "local"), ("probe_name", "no-such-tpu")])
-def test_unset_tpu_probes_this_vms_or_the_named_tpu_and_falls_back_with_a_warning(doctor_runs, scenario, target):
-    run = doctor_runs[0][scenario]
-    assert run["code"] == "_DefaultDistributionStrategy", run
-    assert any(m.startswith(f"TPU {target!r} not reachable, using GPUs or the CPU") for m in run["logged"]), run
-
-
-@pytest.mark.slow  # a second TensorFlow import (~15 s here)
 def test_a_tpu_plugin_that_does_not_load_is_diagnosed_not_a_traceback(tmp_path):
     """On a TPU VM the variables point TensorFlow at libtpu; a broken one fails TensorFlow's import."""
     root, site = tpu_vm(tmp_path)  # its libtpu.so is empty
