@@ -21,8 +21,7 @@ from kerasntk import __version__, distribute, fs, rundir
 # (ARCHITECTURE.md, "TPU install"); tests check that the two lists agree.
 TPU_STACK = {"tensorflow": "2.20.0", "tensorflow-tpu": "2.20.0", "libtpu": "0.0.14"}
 TPU_PYTHONS = ((3, 10), (3, 13))  # the Pythons all three have wheels for (and kerasntk supports)
-LIBTPU_INDEX = "https://storage.googleapis.com/libtpu-tf-releases/index.html"
-INSTALL_TPU = (f"pip install 'kerasntk[tpu]' -f {LIBTPU_INDEX} && pip install --no-deps --force-reinstall "
+INSTALL_TPU = (f"pip install 'kerasntk[tpu]' && pip install --no-deps --force-reinstall "
                f"tensorflow-tpu=={TPU_STACK['tensorflow-tpu']}")
 REINSTALL_TPU_BUILD = f"pip install --no-deps --force-reinstall tensorflow-tpu=={TPU_STACK['tensorflow-tpu']}"
 TFDS_DATASETS = ("cifar10", "cifar100", "mnist", "fashion_mnist", "svhn_cropped")  # what kerasntk.data reads

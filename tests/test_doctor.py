@@ -158,6 +158,7 @@ def test_on_a_tpu_vm_with_the_plain_tensorflow_doctor_names_the_install(capsys, 
         f"libtpu=={doctor.TPU_STACK['libtpu']}"]
 
 
+@pytest.mark.slow  # a second TensorFlow import: 6-15 s here
 def test_a_tpu_plugin_that_does_not_load_is_diagnosed_not_a_traceback(tmp_path):
     """On a TPU VM the variables point TensorFlow at libtpu; a broken one fails TensorFlow's import."""
     root, site = tpu_vm(tmp_path)  # its libtpu.so is empty
