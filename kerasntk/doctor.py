@@ -201,7 +201,7 @@ def _data_dir(data_dir, echo):
     try:
         exists = fs.isdir(data_dir)
         prepared = [n for n in TFDS_DATASETS if exists and tfds.builder(n, data_dir=data_dir).is_prepared()]
-    except (OSError, ImportError, ValueError) as err:
+    except Exception as err:  # whatever keeps tfds from reading it (gs:// access, a file system plugin) is the finding
         echo(f"{'data dir':16s}{data_dir}: not readable")
         return [Finding(f"data directory {data_dir} cannot be read: {_first_line(err)}",
                         "check the path and its permissions (gs://: `pip install 'kerasntk[gcs]'` and read access)", True)]
@@ -228,7 +228,7 @@ def _run_dir(out, echo):
         fs.remove(probe)
         if made:
             fs.remove(out)
-    except (OSError, ImportError, ValueError) as err:
+    except Exception as err:  # whatever keeps the probe from being written and read back is the finding
         echo(f"{'run dir':16s}{out}: not writable")
         fix = ("pip install 'kerasntk[gcs]'" if isinstance(err, ImportError) else
                "check the path and its permissions (gs://: the account needs write access to the bucket; "
