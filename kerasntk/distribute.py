@@ -99,8 +99,9 @@ def _connect_tpu(tpu, explicit):
         resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
         tf.config.experimental_connect_to_cluster(resolver)
         tf.tpu.experimental.initialize_tpu_system(resolver)
-    # OSError: a TPU name is looked up through the GCE metadata server, unreachable off Google Cloud
-    except (ValueError, RuntimeError, OSError, tf.errors.NotFoundError, tf.errors.UnavailableError) as err:
+    # OSError: a TPU name is looked up through the GCE metadata server, unreachable off Google Cloud;
+    # OpError: any TensorFlow error while the TPU system initializes
+    except (ValueError, RuntimeError, OSError, tf.errors.OpError) as err:
         if explicit:  # asked for: failing to reach it is an error
             raise RuntimeError(f"cannot reach TPU {tpu!r}: {err}") from err
         log.warning("TPU %r not reachable, using GPUs or the CPU (`kerasntk doctor` says why): %s",

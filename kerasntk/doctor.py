@@ -17,8 +17,8 @@ import sys
 
 from kerasntk import __version__, distribute, fs, rundir
 
-# The `tpu` extra of setup.cfg: the TPU build of TensorFlow 2.20.0 and the libtpu it was released against
-# (ARCHITECTURE.md, "TPU install"); tests check that the two lists agree.
+# The `tpu` extra of setup.cfg: the TPU build of TensorFlow 2.20.0 and the libtpu its release names
+# (ARCHITECTURE.md, "TPU install"); a test checks that the two lists agree.
 TPU_STACK = {"tensorflow": "2.20.0", "tensorflow-tpu": "2.20.0", "libtpu": "0.0.14"}
 TPU_PYTHONS = ((3, 10), (3, 13))  # the Pythons all three have wheels for (and kerasntk supports)
 INSTALL_TPU = (f"pip install 'kerasntk[tpu]' && pip install --no-deps --force-reinstall "
@@ -186,12 +186,13 @@ def _tpu_failure(target, err):
     if "No TPU platform found" in text:
         return Finding("TensorFlow found no TPU platform (a libtpu that does not match tensorflow-tpu)",
                        f"pip install libtpu=={TPU_STACK['libtpu']}", True)
-    if re.search(r"in use|busy|already", text, re.IGNORECASE):
+    if re.search(r"already in use|in use by|busy", text, re.IGNORECASE):
         return Finding(f"TPU {target!r} is held by another process (a notebook kernel, a jax program)",
                        "stop that process (`sudo lsof -w /dev/accel* /dev/vfio/*` names it) and retry", True)
-    return Finding(f"TPU {target!r} cannot be reached: {_first_line(err)}",
+    return Finding(f"TPU {target!r} cannot be reached: {_first_line(err.__cause__ or err)}",
                    "check the TPU is READY (`gcloud compute tpus tpu-vm describe`) and the pinned stack is "
-                   f"installed ({INSTALL_TPU}); KERASNTK_DEBUG=1 shows the traceback", True)
+                   f"installed ({INSTALL_TPU}); the whole message: python -c \"import kerasntk; "
+                   f"kerasntk.distribute.get_strategy({target!r})\"", True)
 
 
 def _data_dir(data_dir, echo):

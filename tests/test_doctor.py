@@ -206,3 +206,17 @@ def test_setup_cfg_tpu_extra_is_the_stack_doctor_checks():
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     assert script.extra_requirements() == doctor.TPU_STACK
+
+
+@pytest.mark.parametrize("message, problem", [
+    ("No TPU platform found. Platform manager status: OK", "TensorFlow found no TPU platform"),
+    ("The TPU is already in use by process with pid 4242.", "TPU 'local' is held by another process"),
+    ("Deadline exceeded", "TPU 'local' cannot be reached: Deadline exceeded"),
+])
+def test_tpu_connection_errors_are_told_apart(message, problem):
+    """Messages as reported from TPU VMs (no TPU here to produce them): each gets its own fix."""
+    try:
+        raise RuntimeError("cannot reach TPU 'local': " + message) from ValueError(message)
+    except RuntimeError as err:
+        finding = doctor._tpu_failure("local", err)
+    assert finding.fatal and finding.problem.startswith(problem), finding
