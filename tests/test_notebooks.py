@@ -147,6 +147,7 @@ def test_tpu_notebook_rerun_resumes_without_training(paper, tmp_path):
     assert {p: p.stat().st_mtime_ns for p in (run_dir / "results").glob("*.nc")} == before
 
 
+@pytest.mark.slow  # a kernel and the doctor's TensorFlow import: 7-25 s here
 def test_tpu_notebook_stops_with_the_doctors_diagnosis_when_the_tpu_is_unusable(tmp_path):
     """Asked for this VM's TPU on a machine without one, the doctor cell stops the notebook before any work."""
     with pytest.raises(nbclient.exceptions.CellExecutionError) as stopped:
