@@ -1,13 +1,17 @@
 """kerasntk: empirical NTKs, loss-landscape geometry and the spawning experiment of Fort et al. 2020.
 
 Submodules and the top-level names load on first use, so `import kerasntk` (and `kerasntk --help`) does
-not import TensorFlow until something needs it.
+not import TensorFlow until something needs it. On a TPU VM, importing the package first sets the variables
+of TensorFlow's PJRT TPU path (`distribute.set_tpu_environment`), which TensorFlow reads when imported.
 """
 
 import importlib
 import os
 
+from kerasntk import distribute
+
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+distribute.set_tpu_environment()
 
 __version__ = "0.1.0"
 

@@ -1,4 +1,4 @@
-"""The `kerasntk` command: run | train | ntk | linearize | spawn | job | check | merge | report."""
+"""The `kerasntk` command: run | train | ntk | linearize | spawn | job | check | merge | report | doctor."""
 
 import argparse
 import logging
@@ -80,6 +80,11 @@ def build_parser():
     p = verb("report", help="draw the figures of a results file (PNG and PDF)")
     p.add_argument("results", help="a merged results .nc file or a run directory")
     p.add_argument("--out", help="figure directory (default: RUN_DIR/figures, or beside the results file)")
+    p = verb("doctor", help="what will run where: versions, TPU, devices, strategy; each known problem with its fix")
+    p.add_argument("--tpu", help="check this TPU: 'local' (this TPU VM), a TPU name or grpc:// address "
+                                 "(default: the one get_strategy would probe, if any)")
+    p.add_argument("--data-dir", help="check this tensorflow-datasets directory holds prepared datasets")
+    p.add_argument("--out", help="check a run directory can be written here (local or gs://)")
     return parser
 
 
@@ -87,6 +92,10 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     verbose = 0 if args.quiet else 2 if args.verbose else 1
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="[kerasntk] %(message)s")
+    if args.command == "doctor":  # before anything imports TensorFlow: a failing import is its diagnosis
+        from kerasntk import doctor
+
+        return doctor.run(args.tpu, args.data_dir, args.out)
     from kerasntk import config as cfg
     from kerasntk import data, errors, training
     from kerasntk.experiment import JobFailed

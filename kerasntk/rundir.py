@@ -153,6 +153,11 @@ class RunDir:
         """Store `config`, replacing the stored one (for writers that refine it, such as SpawnCheckpoint)."""
         fs.write_json(self.config_path, config.to_dict())
 
+    @property
+    def write_probe(self):
+        """A scratch file `kerasntk doctor` writes and removes to check that the directory is writable."""
+        return fs.join(self.root, ".kerasntk-doctor-probe.json")
+
     def load_config(self, overrides=()):
         """The stored config, validated; `overrides` may set this machine's fields only."""
         if not fs.exists(self.config_path):

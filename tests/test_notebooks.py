@@ -124,6 +124,7 @@ def test_tpu_notebook_falls_back_to_cpu_and_runs_every_job(paper):
 
     printed = "".join(o.get("text", "") for o in outputs(nb, "stream"))
     assert "no TPU on this machine" in printed and "_DefaultDistributionStrategy with 1 replica(s)" in printed
+    assert "TPU target      none (GPUs or the CPU)" in printed and "no problems found" in printed  # the doctor cell
     assert "12/12 jobs done; missing: []" in printed  # parent, measure_parent, linearized, 3 × (2 children + pairs)
     ds = xr.load_dataset(run_dir / "results.nc")
     stored = json.loads(ds.attrs["config"])
@@ -144,6 +145,18 @@ def test_tpu_notebook_rerun_resumes_without_training(paper, tmp_path):
     printed = "".join(o.get("text", "") for o in outputs(again, "stream"))
     assert "training to" not in printed and "linearized network from" not in printed  # no job trained again
     assert {p: p.stat().st_mtime_ns for p in (run_dir / "results").glob("*.nc")} == before
+
+
+@pytest.mark.slow  # a kernel and the doctor's TensorFlow import: 7-25 s here
+def test_tpu_notebook_stops_with_the_doctors_diagnosis_when_the_tpu_is_unusable(tmp_path):
+    """Asked for this VM's TPU on a machine without one, the doctor cell stops the notebook before any work."""
+    with pytest.raises(nbclient.exceptions.CellExecutionError) as stopped:
+        execute("02_paper_cifar10_resnet20_tpu", tmp_path, REPO_DIR=str(REPO), RUN_DIR=str(tmp_path / "run"),
+                DATA_DIR=str(tmp_path / "tensorflow_datasets"), TPU="local")
+    assert "stopped: this runtime cannot run the notebook as asked" in str(stopped.value)
+    assert ("kerasntk doctor: error: TPU 'local' asked for, but this machine has no TPU device files"
+            in str(stopped.value))
+    assert not (tmp_path / "run").exists() and not (tmp_path / "tensorflow_datasets").exists()
 
 
 def test_analysis_compares_two_runs(quickstart, paper, tmp_path):
