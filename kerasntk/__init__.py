@@ -16,9 +16,9 @@ distribute.set_tpu_environment()
 __version__ = "0.1.0"
 
 _MODULES = ("callbacks", "config", "data", "distribute", "experiment", "faults", "fs", "hessian", "kernel_learning",
-            "landscape", "linearized", "models", "ntk", "plots", "results", "rundir", "training")
+            "landscape", "linearized", "models", "models_from_runs", "ntk", "plots", "results", "rundir", "training")
 _NAMES = {"Linearized": "linearized", "kernel_regression": "linearized", "linearize": "linearized",
-          "run": "experiment"}
+          "load_model": "models_from_runs", "run": "experiment"}
 
 __all__ = sorted(_MODULES + tuple(_NAMES))
 

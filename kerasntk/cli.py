@@ -1,4 +1,4 @@
-"""The `kerasntk` command: run | train | ntk | linearize | spawn | job | check | merge | report | doctor."""
+"""The `kerasntk` command: run | train | ntk | linearize | spawn | job | check | merge | report | export | doctor."""
 
 import argparse
 import logging
@@ -80,6 +80,13 @@ def build_parser():
     p = verb("report", help="draw the figures of a results file (PNG and PDF)")
     p.add_argument("results", help="a merged results .nc file or a run directory")
     p.add_argument("--out", help="figure directory (default: RUN_DIR/figures, or beside the results file)")
+    p = verb("export", help="write the parent at a checkpoint, or a child's final model, as a Keras file")
+    p.add_argument("run_dir")
+    _machine_args(p)
+    p.add_argument("--time", required=True, help="a parent checkpoint time, or with --child the child's spawn time: "
+                                                 "epochs (0.5, '2ep') or steps ('100it')")
+    p.add_argument("--child", type=int, help="child index, 0..children-1 (default: the parent)")
+    p.add_argument("--out", required=True, help="FILE.keras (the whole model) or FILE.weights.h5 (its weights)")
     p = verb("doctor", help="what will run where: versions, TPU, devices, strategy; each known problem with its fix")
     p.add_argument("--tpu", help="check this TPU: 'local' (this TPU VM), a TPU name or grpc:// address "
                                  "(default: the one get_strategy would probe, if any)")
@@ -181,6 +188,11 @@ def _dispatch(args, verbose):
         ds = results.open_run(source)
         out = args.out or (rundir.RunDir(source).figures if is_run else os.path.dirname(os.path.abspath(source)))
         print(f"{len(plots.report(ds, out))} figures in {out}")
+        return 0
+    if args.command == "export":
+        from kerasntk import models_from_runs
+
+        print(f"model written: {models_from_runs.export_model(args.run_dir, args.time, args.out, args.child, args.overrides)}")
         return 0
     raise AssertionError(args.command)
 

@@ -17,7 +17,7 @@ import sys
 
 from kerasntk import __version__, distribute, fs, rundir
 
-# The `tpu` extra of setup.cfg: the TPU build of TensorFlow 2.20.0 and the libtpu its release names
+# The `tpu` extra of pyproject.toml: the TPU build of TensorFlow 2.20.0 and the libtpu its release names
 # (ARCHITECTURE.md, "TPU install"); a test checks that the two lists agree.
 TPU_STACK = {"tensorflow": "2.20.0", "tensorflow-tpu": "2.20.0", "libtpu": "0.0.14"}
 TPU_PYTHONS = ((3, 10), (3, 13))  # the Pythons all three have wheels for (and kerasntk supports)

@@ -142,7 +142,8 @@ def atomic_file(path, sealed=False):
     directory = tempfile.gettempdir() if remote else (os.path.dirname(os.path.abspath(path)))
     os.makedirs(directory, exist_ok=True)
     # the temporary name keeps the extension: some writers choose the format by it (Keras, matplotlib)
-    fd, tmp = tempfile.mkstemp(prefix=f".{_basename(path)}.", suffix=".tmp" + os.path.splitext(path)[1], dir=directory)
+    extension = ".weights.h5" if path.endswith(".weights.h5") else os.path.splitext(path)[1]
+    fd, tmp = tempfile.mkstemp(prefix=f".{_basename(path)}.", suffix=".tmp" + extension, dir=directory)
     os.close(fd)
     try:
         try:

@@ -4,7 +4,7 @@
 
 1. `pip install --dry-run --ignore-installed --report` of this checkout with the `tpu` extra, for this
    interpreter (what `pip install ".[tpu]"` would install): tensorflow, tensorflow-tpu and libtpu must
-   resolve to the pins of setup.cfg, which must equal `kerasntk.doctor.TPU_STACK`.
+   resolve to the pins of pyproject.toml, which must equal `kerasntk.doctor.TPU_STACK`.
 2. For every Python of `doctor.TPU_PYTHONS`, the extra's own requirements as binary wheels for Linux x86-64
    (`--python-version`, `--only-binary=:all:`): they must resolve to the same pins; one Python past the
    range must not (no wheels), so the range is the wheels' and not a guess.
@@ -13,7 +13,6 @@ Prints one line per resolution and tensorflow-tpu's own libtpu requirement; exit
 test of the suite: it needs the network.
 """
 
-import configparser
 import json
 import os
 import subprocess
@@ -30,14 +29,16 @@ SHOWN = ("tensorflow", "tensorflow-tpu", "libtpu", "keras", "numpy", "protobuf")
 
 
 def extra_requirements():
-    """The `tpu` extra of setup.cfg as {name: version} (every entry must be an exact pin)."""
-    parser = configparser.ConfigParser()
-    parser.read(os.path.join(ROOT, "setup.cfg"))
+    """The `tpu` extra of pyproject.toml as {name: version} (every entry must be an exact pin)."""
+    import tomllib  # Python 3.11+: the script runs on the maintainer's machine, not on users'
+
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        extra = tomllib.load(f)["project"]["optional-dependencies"]["tpu"]
     pins = {}
-    for line in parser["options.extras_require"]["tpu"].split():
+    for line in extra:
         name, _, version = line.partition("==")
         if not version:
-            raise SystemExit(f"setup.cfg: the tpu extra's {line!r} is not an exact pin (name==version)")
+            raise SystemExit(f"pyproject.toml: the tpu extra's {line!r} is not an exact pin (name==version)")
         pins[name.lower()] = version
     return pins
 
@@ -81,7 +82,7 @@ def check(label, requirements, pins, python=None, expect_wheels=True):
 def main():
     pins = extra_requirements()
     ok = pins == doctor.TPU_STACK
-    print(f"setup.cfg tpu extra: {pins}" + ("" if ok else f"; differs from kerasntk.doctor.TPU_STACK {doctor.TPU_STACK}"))
+    print(f"pyproject.toml tpu extra: {pins}" + ("" if ok else f"; differs from kerasntk.doctor.TPU_STACK {doctor.TPU_STACK}"))
     here = f"{sys.version_info.major}.{sys.version_info.minor}"
     ok &= check(f".[tpu] on this Python {here}", [".[tpu]"], pins)
     (lo_major, lo_minor), (hi_major, hi_minor) = doctor.TPU_PYTHONS

@@ -201,7 +201,7 @@ def test_which_tensorflow_build_owns_the_files(tmp_path, on_disk, expected):
     assert doctor.tensorflow_files(dists) == expected
 
 
-def test_setup_cfg_tpu_extra_is_the_stack_doctor_checks():
+def test_the_tpu_extra_is_the_stack_doctor_checks():
     spec = importlib.util.spec_from_file_location("check_tpu_pins", REPO / "scripts" / "check_tpu_pins.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)

@@ -1,19 +1,21 @@
-"""The Colab notebooks, executed headless on CPU with tiny parameters (nbclient + ipykernel): any cell error fails.
+"""The Colab notebooks, executed headless on CPU with tiny parameters through papermill: any cell error fails.
 
-Parameters are injected the papermill way: a cell tagged `injected-parameters` right after the cell tagged
-`parameters`, so `papermill -p NAME VALUE` works on the same notebooks. The TPU notebook reads CIFAR-10 from
+papermill injects the parameters as users would pass them (`papermill NB OUT -p NAME VALUE`): a cell tagged
+`injected-parameters` after the cell tagged `parameters`. The TPU notebook reads CIFAR-10 from
 tensorflow-datasets' mock data: an IPython startup file in the kernel's IPYTHONDIR enters
 `tfds.testing.mock_data` before the first cell, so the notebook itself runs unchanged (and falls back from
 TPU to the CPU, since this machine has none).
 """
 
+import ast
 import json
 import os
 import textwrap
 from pathlib import Path
+from unittest import mock
 
-import nbclient
 import nbformat
+import papermill
 import pytest
 
 from test_data import write_tfds_metadata  # noqa: E402
@@ -22,10 +24,6 @@ REPO = Path(__file__).resolve().parents[1]
 COLAB = REPO / "colab"
 NOTEBOOKS = ("01_quickstart", "02_paper_cifar10_resnet20_tpu", "03_analyze_results")
 
-# mnist1d, one epoch, three spawn times (so the Spearman correlations are defined) of two children: ~20 s.
-QUICKSTART_TINY = ["train.length=1ep", "spawn.times=[0, 0.25, 0.5]", "spawn.children=2", "checkpoints.log_num=0",
-                   "checkpoints.every=null", "ntk.probe_size=20", "linearize.times=[0]", "linearize.length=1ep",
-                   "landscape.train_examples=256", "landscape.bn_examples=256"]
 # The paper config on 256 mock CIFAR-10 images. ResNet-8 (depth=8: the same BatchNorm residual blocks as
 # ResNet-20, one per stage) keeps the seven training jobs under a minute on a loaded 2-core CPU.
 MOCK_TRAIN, MOCK_TEST = 256, 64
@@ -36,25 +34,14 @@ PAPER_TINY = ["model.options={batchnorm: true, width: 1, depth: 8}", "train.leng
               "linearize.validation_examples=32"]
 
 
-def parameterize(nb, **values):
-    """Insert a cell setting `values` after the cell tagged "parameters" (what papermill does)."""
-    index = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
-    source = "\n".join(f"{name} = {value!r}" for name, value in values.items())
-    cell = nbformat.v4.new_code_cell(source, metadata={"tags": ["injected-parameters"]})
-    cell.id = "injected-parameters"
-    nb.cells.insert(index + 1, cell)
-    return nb
-
-
-def execute(name, workdir, env=None, **values):
-    """Run notebook `name` in `workdir` with parameters `values`; raises CellExecutionError if a cell fails."""
-    nb = parameterize(nbformat.read(COLAB / f"{name}.ipynb", as_version=4), **values)
-    kernel_env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
-    client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
-                                     resources={"metadata": {"path": str(workdir)}})
-    client.execute(env=kernel_env)
-    nbformat.write(nb, workdir / f"{name}.executed.ipynb")  # kept for debugging a failure
-    return nb
+def execute(name, workdir, env=None, **parameters):
+    """Run notebook `name` through papermill in `workdir` with `parameters` (the executed copy is kept there for
+    debugging); raises papermill's PapermillExecutionError if a cell fails."""
+    kernel_env = {"KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
+    with mock.patch.dict(os.environ, kernel_env):  # the kernel starts with this process's environment
+        return papermill.execute_notebook(str(COLAB / f"{name}.ipynb"), str(workdir / f"{name}.executed.ipynb"),
+                                          parameters=parameters, cwd=str(workdir), kernel_name="python3",
+                                          execution_timeout=600, progress_bar=False)
 
 
 def outputs(nb, output_type):
@@ -80,7 +67,7 @@ def mock_cifar10_kernel(root):
 def quickstart(tmp_path_factory):
     """The quickstart notebook executed on a tiny mnist1d run: (executed notebook, run directory)."""
     work = tmp_path_factory.mktemp("quickstart")
-    nb = execute("01_quickstart", work, OVERRIDES=QUICKSTART_TINY, RUN_DIR="runs/quickstart")
+    nb = execute("01_quickstart", work, TINY=True, RUN_DIR="runs/quickstart")  # ~20 s
     return nb, work / "runs" / "quickstart"
 
 
@@ -103,6 +90,19 @@ def test_every_notebook_has_a_parameters_cell_and_no_outputs():
         assert sum("parameters" in t for t in tags) == 1, name
         assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), f"{name} is committed with outputs"
         assert f"colab.research.google.com/github/kerasntk-dev/kerasntk/blob/main/colab/{name}.ipynb" in nb.cells[0].source
+
+
+def test_papermill_reads_every_parameter_with_its_default():
+    """`papermill --help-notebook` lists every assignment of the parameters cell (one per line, no tuples)."""
+    for name in NOTEBOOKS:
+        path = COLAB / f"{name}.ipynb"
+        cell = next(c for c in nbformat.read(path, as_version=4).cells if "parameters" in c.metadata.get("tags", []))
+        statements = ast.parse(cell.source).body
+        assert all(isinstance(s, ast.Assign) and len(s.targets) == 1 and isinstance(s.targets[0], ast.Name)
+                   for s in statements), f"{name}: the parameters cell may hold only `NAME = value` lines"
+        assigned = {s.targets[0].id: ast.literal_eval(s.value) for s in statements}
+        inferred = papermill.inspect_notebook(str(path))
+        assert {k: ast.literal_eval(p["default"]) for k, p in inferred.items()} == assigned, name
 
 
 def test_quickstart_runs_the_experiment_and_shows_results(quickstart):

@@ -77,6 +77,6 @@ class Grid:
         """The step of `time` (epochs or "<n>it"), which must be one of `allowed` (`what` names them)."""
         step = cfg.parse_duration(time, name).steps(self.steps_per_epoch)
         if step not in allowed:
-            raise cfg.ConfigError(f"{name} {time!r} (step {step}) is not {what} of this run; "
-                                  f"allowed steps: {list(allowed)}")
+            times = ", ".join(f"{self.requested_time(s):g} ({s}it)" for s in allowed)
+            raise cfg.ConfigError(f"{name} {time!r} (step {step}) is not {what} of this run; allowed: {times}")
         return step
