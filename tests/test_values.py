@@ -3,6 +3,7 @@ files (checkpoints, curves, histories), and kernel learning's selection and resu
 
 import itertools
 import json
+import shutil
 
 import keras
 import numpy as np
@@ -153,7 +154,10 @@ def test_spawn_checkpoint_child_first_step_equals_the_parents_next_step(tmp_path
     spawner = callbacks.SpawnCheckpoint(["2it"], tmp_path / "run", data=(x, a.y_train, x_test, a.y_test), batch_size=32)
     model.fit(x, a.y_train, batch_size=32, epochs=1, shuffle=False, verbose=0, callbacks=[record, spawner])
 
-    run = RunDir(tmp_path / "run")
+    shutil.move(tmp_path / "run", tmp_path / "moved")  # relocatable: nothing in it names where it was written
+    run = RunDir(tmp_path / "moved")
+    stored = json.loads((tmp_path / "moved" / "config.json").read_text())
+    assert stored["data"]["path"] == "data.npz" and stored["model"]["options"]["path"] == "model.keras"
     config = run.load_config()
     arrays = training.load_data(config)
     grid = Grid.from_config(config, steps_per_epoch=4)
@@ -165,4 +169,18 @@ def test_spawn_checkpoint_child_first_step_equals_the_parents_next_step(tmp_path
     for got, want in zip(child.model.get_weights(), after[3]):
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
     assert max(np.abs(g - w).max() for g, w in zip(child.model.get_weights(), after[2])) > 1e-3  # it moved
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["momentum"] == 0.9
+    assert stored["train"]["momentum"] == 0.9
+
+
+def test_the_version_that_made_a_run_is_recorded_and_another_one_warns(tmp_path, npz, caplog):
+    import kerasntk
+
+    RunDir(tmp_path).prepare(cfg.load(None, tiny(npz)))
+    assert json.loads((tmp_path / "version.json").read_text()) == {"kerasntk": kerasntk.__version__}
+    with caplog.at_level("WARNING", logger="kerasntk.rundir"):
+        RunDir(tmp_path).load_config()
+    assert not caplog.records
+    (tmp_path / "version.json").write_text('{"kerasntk": "0.0.1"}')
+    with caplog.at_level("WARNING", logger="kerasntk.rundir"):
+        RunDir(tmp_path).prepare(cfg.load(None, tiny(npz)))
+    assert [r.getMessage().count("made by kerasntk 0.0.1; this is kerasntk") for r in caplog.records] == [1]
