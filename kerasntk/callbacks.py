@@ -426,8 +426,8 @@ class SpawnCheckpoint(_Timed):
                         milestones=[f"{m}it" for m in lr.milestones]) if isinstance(lr, training.Schedule) \
             else dict(lr=lr, schedule="constant")
         config = cfg.from_dict(dict(
-            data=dict(name="npz", path=self._data_path, augment=False),
-            model=dict(name="keras_file", options=dict(path=self._run.model_file)),
+            data=dict(name="npz", path=self._run.own_file(self._data_path), augment=False),
+            model=dict(name="keras_file", options=dict(path=self._run.own_file(self._run.model_file))),
             train=dict(length=f"{max(length, 1)}it", batch_size=self.batch_size,
                        momentum=float(self.model.optimizer.momentum), weight_decay=0.0, data_seed=self.data_seed,
                        **schedule),

@@ -134,7 +134,9 @@ def _dispatch(args, verbose):
                 print(f"{key:16s} {value}")
             return 0
         if args.command == "run":
-            experiment.run(config, run_dir, verbose=verbose, executor=args.executor, address=args.address)
+            strategy = _strategy(config) if args.executor == "local" else None  # Ray jobs find their own
+            experiment.run(config, run_dir, strategy=strategy, verbose=verbose, executor=args.executor,
+                           address=args.address)
             print(f"results: {rundir.RunDir(run_dir).merged}; figures in {rundir.RunDir(run_dir).figures}")
             return 0
         rundir.RunDir(run_dir).prepare(config)
@@ -197,12 +199,22 @@ def _dispatch(args, verbose):
     raise AssertionError(args.command)
 
 
-def _experiment(config, run_dir, verbose):
-    from kerasntk import distribute, experiment
+def _strategy(config):
+    """The strategy `config.distribute` asks for; one it cannot have is a config error (one line)."""
+    from kerasntk import config as cfg
+    from kerasntk import distribute
 
     d = config.distribute
-    return experiment.Experiment(config, run_dir, strategy=distribute.get_strategy(d.tpu, d.logical_cpus),
-                                 verbose=verbose)
+    try:
+        return distribute.get_strategy(d.tpu, d.logical_cpus)
+    except RuntimeError as err:  # a TPU asked for but not reached, CPUs that cannot be split any more
+        raise cfg.ConfigError(f"distribute: {err}") from None
+
+
+def _experiment(config, run_dir, verbose):
+    from kerasntk import experiment
+
+    return experiment.Experiment(config, run_dir, strategy=_strategy(config), verbose=verbose)
 
 
 def _existing_run(args, verbose):

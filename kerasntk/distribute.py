@@ -1,4 +1,4 @@
-"""Choosing a tf.distribute strategy: TPU, then multi-worker (TF_CONFIG), then several GPUs, else default.
+"""Choosing a tf.distribute strategy: TPU, then several GPUs, else default (a multi-worker TF_CONFIG is an error).
 
 Also the TPU VM's environment for TensorFlow's PJRT TPU path, which must be in place before TensorFlow is
 imported: `import kerasntk` calls `set_tpu_environment`, so this module imports TensorFlow only inside the
@@ -126,7 +126,9 @@ def get_strategy(tpu=None, logical_cpus=0):
             log.info("TPUStrategy with %d replicas", strategy.num_replicas_in_sync)
             return strategy
     if os.environ.get("TF_CONFIG") and json.loads(os.environ["TF_CONFIG"]).get("cluster"):
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        raise ValueError("TF_CONFIG names a multi-worker cluster, which kerasntk does not support (every worker "
+                         "would write the same run directory); unset TF_CONFIG and spread the jobs over machines "
+                         "with --executor ray or one command per job (README, Commands)")
     if logical_cpus > 1:
         split_cpu(logical_cpus)
         devices = [d.name for d in tf.config.list_logical_devices("CPU")][:logical_cpus]

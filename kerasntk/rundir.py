@@ -1,6 +1,7 @@
 """The run directory: the only code that knows its layout and the checkpoint format.
 
     RUN/config.json                                   the config (a different config in the same place is refused)
+    RUN/version.json                                  the kerasntk version that made the run (another one warns)
     RUN/parent/                                       the parent's training job            (a JobDir)
     RUN/children/sXXXXXXXX_cC/                        child C spawned at parent step X     (a JobDir)
     RUN/linearized/sXXXXXXXX/                         the parent's linearization at step X (a JobDir)
@@ -19,12 +20,15 @@ marker is that file. `RUN` may be a local path or a `gs://` URL.
 """
 
 import contextlib
+import logging
 import os
 
 from kerasntk import config as cfg
 from kerasntk import fs
 
+log = logging.getLogger(__name__)
 META = "meta.json"
+_OWN_FILES = ("data.npz", "model.keras")  # a SpawnCheckpoint run's data and model, named relative to the run
 _PREFIX = "ckpt"
 
 
@@ -144,13 +148,17 @@ class RunDir:
                 raise cfg.ConfigError(
                     f"run directory {self.root!r} was made with a different config; pass another --out, "
                     f"or re-run with the stored one: kerasntk run {self.config_path}")
+            self._check_version()
         else:
             fs.makedirs(self.root)
+            self._record_version()
             fs.write_json(self.config_path, config.to_dict())
         return self
 
     def write_config(self, config):
         """Store `config`, replacing the stored one (for writers that refine it, such as SpawnCheckpoint)."""
+        if not fs.exists(self.version_path):
+            self._record_version()
         fs.write_json(self.config_path, config.to_dict())
 
     @property
@@ -168,7 +176,39 @@ class RunDir:
                 raise cfg.ConfigError(f"--set {item!r}: a run directory's config is fixed; only this machine's "
                                       f"fields may be set: {', '.join(cfg.MACHINE_FIELDS)}")
         with fs.local_path(self.config_path) as local:
-            return cfg.load(local, overrides)
+            config = cfg.load(local, overrides)
+        if config.data.path in _OWN_FILES:  # a SpawnCheckpoint run's own data and model travel with it
+            config.data.path = fs.join(self.root, config.data.path)
+        if config.model.options.get("path") in _OWN_FILES:
+            config.model.options = dict(config.model.options, path=fs.join(self.root, config.model.options["path"]))
+        self._check_version()
+        return config
+
+    def own_file(self, path):
+        """`path` as a config stores it: a file of this run directory by its name (so the directory can move),
+        any other path as given."""
+        name = os.path.basename(path)
+        return name if name in _OWN_FILES and path == fs.join(self.root, name) else path
+
+    # -- the kerasntk version that made the run ------------------------------------------------------------
+
+    @property
+    def version_path(self):
+        return fs.join(self.root, "version.json")
+
+    def _record_version(self):
+        from kerasntk import __version__
+
+        fs.write_json(self.version_path, dict(kerasntk=__version__))
+
+    def _check_version(self):
+        """A warning line when this kerasntk is not the version that made the run: its results may mix versions."""
+        from kerasntk import __version__
+
+        made_by = fs.read_json(self.version_path).get("kerasntk") if fs.exists(self.version_path) else None
+        if made_by != __version__:
+            log.warning("run directory %s was made by kerasntk %s; this is kerasntk %s, whose results may differ "
+                        "from the ones already there", self.root, made_by or "older than 0.1.0", __version__)
 
     # -- jobs --------------------------------------------------------------------------------------------
 

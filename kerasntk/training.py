@@ -9,6 +9,7 @@ import contextlib
 import logging
 import math
 import os
+import random
 import signal
 import threading
 import time
@@ -144,7 +145,7 @@ class Trainer:
         save_steps = sorted(set(s for s in save_steps if self.step <= s <= until))
         if self.step in save_steps:
             self.save_grid_checkpoint()
-        with _sigterm_flag() as stop:
+        with deterministic_ops(self.train_config.deterministic), _sigterm_flag() as stop:
             while self.step < until:
                 epoch, batch = divmod(self.step, self.steps_per_epoch)
                 epoch_end = min((epoch + 1) * self.steps_per_epoch, until)
@@ -271,7 +272,7 @@ class Trainer:
 
 def use_xla(jit_compile, strategy):
     """Whether train steps are XLA-compiled: "auto" means on accelerators only (on CPU, TensorFlow's
-    oneDNN kernels train ResNet-20 1.3-3x faster than XLA: BENCHMARKS.md); never across logical CPUs."""
+    oneDNN kernels train ResNet-20 1.3x faster than XLA: BENCHMARKS.md); never across logical CPUs."""
     if _replicas_share_a_host_cpu(strategy):
         return False
     if jit_compile == "auto":
@@ -315,8 +316,7 @@ def build_model_and_optimizer(config, arrays, grid, strategy):
     t = config.train
     schedule = Schedule(t.lr, grid.total, t.schedule, warmup_steps=grid.warmup, milestones=grid.milestones,
                         gamma=t.gamma)
-    with strategy.scope():
-        keras.utils.set_random_seed(t.seed)
+    with strategy.scope(), seeded(t.seed):
         model = models.get(config.model.name, arrays.input_shape, arrays.num_classes,
                            sync_bn=sync_batchnorm(config.model.sync_bn, strategy), **config.model.options)
         optimizer = keras.optimizers.SGD(learning_rate=schedule, momentum=t.momentum)
@@ -333,6 +333,47 @@ def build_trainer(config, arrays, grid, job, strategy, *, data_seed=None, augmen
                    steps_per_epoch=grid.steps_per_epoch, data_seed=t.data_seed if data_seed is None else data_seed,
                    augment_seed=t.augment_seed if augment_seed is None else augment_seed,
                    augment=config.data.augment, strategy=strategy, name=name)
+
+
+@contextlib.contextmanager
+def deterministic_ops(enabled):
+    """TensorFlow op determinism on for the block when `enabled`, and as it was after: it is process-wide, and
+    Keras drops a user's `compile(jit_compile=True)` while it is on."""
+    from tensorflow.python.framework import config as tf_config  # the public API cannot read or undo it
+
+    was_on = tf_config.is_op_determinism_enabled()
+    if enabled and not was_on:
+        tf_config.enable_op_determinism()
+    try:
+        yield
+    finally:
+        if enabled and not was_on:
+            tf_config.disable_op_determinism()
+
+
+@contextlib.contextmanager
+def seeded(seed):
+    """`keras.utils.set_random_seed(seed)` for the block, with the global random state it resets (Python,
+    NumPy, TensorFlow's global seed and op-seed sequence, Keras's seed generator) restored after, so seeding a
+    model leaves a user's later draws as they would have been."""
+    from keras.src.backend.common import global_state
+    from tensorflow.python.eager import context
+
+    ctx, keras_keys = context.context(), ("global_random_seed", "global_seed_generator")
+    saved = (random.getstate(), np.random.get_state(), ctx._seed, getattr(ctx, "_rng", None) and ctx._rng.getstate(),
+             [global_state.get_global_attribute(k) for k in keras_keys])
+    keras.utils.set_random_seed(seed)
+    try:
+        yield
+    finally:
+        py, npy, ctx._seed, rng, keras_values = saved
+        random.setstate(py)
+        np.random.set_state(npy)
+        ctx._rng = None if rng is None else random.Random()
+        if rng is not None:
+            ctx._rng.setstate(rng)
+        for key, value in zip(keras_keys, keras_values):
+            global_state.set_global_attribute(key, value)
 
 
 class _Flag:

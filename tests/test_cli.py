@@ -37,3 +37,49 @@ def test_quiet_and_verbose_before_or_after_the_verb(argv, quiet, verbose):
 
     args = cli.build_parser().parse_args(argv)
     assert (args.quiet, args.verbose) == (quiet, verbose)
+
+
+def _error_cases(tmp, npz):
+    """(argv, what the one line must name) of every kind of bad input the CLI answers with exit status 2."""
+    from kerasntk import config as cfg
+    from kerasntk.rundir import RunDir
+    from helpers import tiny
+
+    RunDir(tmp / "run").prepare(cfg.load(None, tiny(npz)))
+    (tmp / "empty").mkdir()
+    return {
+        "config error": (["train", "--out", str(tmp / "a"), "--set", "train.batch_size=0"], "train.batch_size"),
+        "unprepared dataset": (["train", "--out", str(tmp / "b"), "--set", "data.name=cifar10",
+                                "--set", f"data.data_dir={tmp / 'empty'}"], "tfds build cifar10"),
+        "missing npz": (["train", "--out", str(tmp / "c"), "--set", "data.name=npz",
+                         "--set", f"data.path={tmp / 'missing.npz'}"], "missing.npz"),
+        "not a run directory": (["spawn", str(tmp / "empty"), "--time", "0", "--child", "0"],
+                                "not a kerasntk run directory"),
+        "spawn time off the grid": (["spawn", str(tmp / "run"), "--time", "0.3", "--child", "0"], "not a spawn time"),
+        "report on a missing file": (["report", str(tmp / "missing.nc")], "missing.nc"),
+        # "local" fails without the network (no TPU kernels here); a TPU name would first ask the GCE metadata
+        # server, which takes a DNS timeout offline and then fails the same way (checked by hand)
+        "unreachable TPU": (["run", "--out", str(tmp / "d"), "--set", "distribute.tpu=local"], "cannot reach TPU"),
+    }
+
+
+@pytest.mark.parametrize("case", ["config error", "unprepared dataset", "missing npz", "not a run directory",
+                                  "spawn time off the grid", "report on a missing file",
+                                  pytest.param("unreachable TPU", marks=pytest.mark.slow)])  # ~25 s: a subprocess
+def test_bad_input_is_exit_status_2_and_one_error_line(case, tmp_path, npz, capsys):
+    """The CLI's error contract. In this process (an escaping exception fails the test, as a traceback would
+    show), except the TPU case: a TPU connection attempt changes TensorFlow's context, so a subprocess."""
+    from kerasntk import cli
+
+    argv, names = _error_cases(tmp_path, npz)[case]
+    if case == "unreachable TPU":
+        proc = subprocess.run([sys.executable, "-m", "kerasntk.cli", *argv], capture_output=True, text=True,
+                              timeout=300)
+        code, err = proc.returncode, proc.stderr
+    else:
+        code, err = cli.main(argv), capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("kerasntk: error:")]
+    assert code == 2 and "Traceback" not in err, err
+    assert len(lines) == 1 and names in lines[0], err
+    assert not [line for line in err.splitlines() if line.strip() and not line.startswith(("kerasntk: error:", "[kerasntk]"))
+                and "WARNING" not in line and "I0000" not in line and "E0000" not in line], err

@@ -4,7 +4,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -13,7 +12,7 @@ import xarray as xr
 
 from kerasntk import config as cfg
 from kerasntk import experiment
-from kerasntk.rundir import RunDir
+from kerasntk.rundir import JobDir, RunDir
 from test_data import write_tfds_metadata
 from helpers import tiny
 
@@ -55,30 +54,28 @@ def _run_cli(out, npz):
     return args
 
 
-def _values(path):
-    ds = xr.load_dataset(path)
-    return {name: ds[name].values for name in ("parent", "child", "pair", "path", "kernel_distance")}
+def test_sigkill_at_a_named_point_then_rerun_completes_without_recomputing(tmp_path, npz, clean_run):
+    """SIGKILL from the fault hook (no polling) in child 1 of spawn step 4 at its step 12: mid-epoch (8 steps
+    per epoch), at a boundary of steps_per_execution=4 chunks, after the parent, its measurements and other
+    jobs finished. The re-run recomputes nothing finished (same inodes) and ends with every grid checkpoint's
+    tensors and every result equal to the uninterrupted run's."""
+    from helpers import checkpoint_values, result_arrays
 
-
-def test_sigkill_anywhere_then_rerun_completes_without_recomputing(tmp_path, npz, clean_run):
-    """Killed once a first child result exists, then re-run: same numbers as the uninterrupted run."""
     clean, killed = clean_run[1], tmp_path / "killed"
-    proc = subprocess.Popen(_run_cli(killed, npz), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    first_child = killed / "results" / "child_s00000000_c0.nc"
-    deadline = time.time() + 600
-    while not first_child.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (killed / "results.nc").exists(), "the run finished before it could be killed"
-    done_before = {p: p.stat().st_mtime_ns for p in (killed / "results").glob("*.nc")}
-    assert done_before, "nothing was finished before the kill; the test proves nothing about skipping"
+    env = dict(os.environ, KERASNTK_FAULT_STEP="12", KERASNTK_FAULT_JOB="child/s00000004_c1",
+               KERASNTK_FAULT_SIGNAL="KILL")
+    proc = subprocess.run(_run_cli(killed, npz), env=env, capture_output=True, timeout=900)
+    assert proc.returncode == -signal.SIGKILL
+    assert not (killed / "results.nc").exists()
+    assert JobDir(killed / "children" / "s00000004_c1").latest_resume() == 8  # its last epoch end: killed after
+    done_before = {p: p.stat().st_ino for p in killed.rglob("*") if p.is_file() and "results" in p.parts}
+    assert killed / "results" / "parent.nc" in done_before and killed / "results" / "child_s00000004_c0.nc" in done_before
     subprocess.run(_run_cli(killed, npz), check=True, timeout=900, capture_output=True)
-    assert {p: p.stat().st_mtime_ns for p in done_before} == done_before  # nothing finished was recomputed
-    a, b = _values(clean / "results.nc"), _values(killed / "results.nc")
+    assert {p: p.stat().st_ino for p in done_before} == done_before  # nothing finished was written again
+    assert checkpoint_values(killed) == checkpoint_values(clean)
+    a, b = result_arrays(clean / "results.nc"), result_arrays(killed / "results.nc")
     for name in a:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
-
 
 
 def test_rerun_of_a_finished_run_skips_every_job(npz, clean_run):

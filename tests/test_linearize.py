@@ -219,6 +219,8 @@ def train_small(model, x, y, order=1, strategy=None, jvp="auto", **compile_kw):
         lin = linearize(model, order=order, jvp=jvp)
         lin.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9), loss="mse", **compile_kw)
     lin.fit(x, y, batch_size=len(x), epochs=5, shuffle=False, verbose=0)
+    if compile_kw.get("jit_compile") is True:  # Keras drops it silently while op determinism is on
+        assert lin.jit_compile is True, "Keras trained without XLA"
     return [d.numpy() for d in lin.trainable_weights]
 
 
@@ -237,8 +239,8 @@ def test_mirrored_strategy_matches_single_device(mirrored):
 
 @pytest.fixture
 def keras_xla():
-    """Keras ignores compile(jit_compile=True) while op determinism is on, which the kerasntk trainer turns
-    on process-wide (in earlier tests); switch it off for one test and restore it."""
+    """Keras ignores compile(jit_compile=True) while op determinism is on (kerasntk turns it on only while its
+    own jobs run); make sure it is off for one test and restore it."""
     from tensorflow.python.framework import config as tf_config
 
     was_on = tf_config.is_op_determinism_enabled()

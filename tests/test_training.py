@@ -165,6 +165,125 @@ def test_train_step_compiles_with_xla_for_every_zoo_model(tmp_path, name, shape,
     assert trainer._run_chunk.experimental_get_tracing_count() == 1  # one trace serves every chunk and epoch
 
 
+# -- the train step against a hand-computed reference ---------------------------------------------------------
+
+def _mlp_reference(weights, batches, lrs, momentum, weight_decay):
+    """Weights after each SGD-momentum step of a one-hidden-layer ReLU MLP, by hand in float64: loss = mean
+    softmax cross-entropy + ½·wd·‖w‖² (coupled L2, every trainable variable); Keras's SGD: m ← μm − η∇, w ← w + m."""
+    w = [np.asarray(v, np.float64) for v in weights]
+    m = [np.zeros_like(v) for v in w]
+    after = []
+    for (x, y), lr in zip(batches, lrs):
+        x, y = np.asarray(x, np.float64).reshape(len(x), -1), np.asarray(y)
+        w1, b1, w2, b2 = w
+        pre = x @ w1 + b1
+        h = np.maximum(pre, 0)
+        z = h @ w2 + b2
+        p = np.exp(z - z.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        dz = (p - np.eye(z.shape[1])[y]) / len(x)
+        dpre = (dz @ w2.T) * (pre > 0)
+        grads = [x.T @ dpre, dpre.sum(0), h.T @ dz, dz.sum(0)]
+        m = [momentum * mi - lr * (g + weight_decay * wi) for mi, g, wi in zip(m, grads, w)]
+        w = [wi + mi for wi, mi in zip(w, m)]
+        after.append(w)
+    return after
+
+
+@pytest.mark.parametrize("strategy", ["one device", "mirrored"])
+def test_two_train_steps_equal_hand_computed_sgd_momentum_with_coupled_l2(tmp_path, strategy, request):
+    """Steps 1 and 2 of the trainer (cosine schedule with 4 warmup steps: lr 0.025 then 0.05; momentum 0.9;
+    weight decay 0.01) against `_mlp_reference` on the trainer's own first two batches. Tolerance: float32
+    arithmetic against float64 over two steps of weights ~0.3: rtol 1e-5 and atol 1e-6 (a few hundred ulps);
+    a wrong lr, a missing or doubled L2 term or a wrong momentum moves the weights by more than 1e-4."""
+    config = tiny_config("model.name=mlp", 'model.options={"hidden": [8]}', "train.length=2ep",
+                         "train.batch_size=16", "train.lr=0.1", "train.schedule=cosine", "train.warmup=4it",
+                         "train.weight_decay=0.01", "train.momentum=0.9", "train.steps_per_execution=2",
+                         "spawn.times=[]")
+    arrays = synthetic_arrays(64, 16, (6,), 4)
+    trainer = make_trainer(config, str(tmp_path), arrays,
+                           strategy=request.getfixturevalue("mirrored") if strategy == "mirrored" else None)
+    trainer.restore()
+    start = final_weights(trainer)
+    batches = list(data.train_batches(arrays, batch_size=16, epoch=0, order_seed=0, augment_seed=0))[:2]
+    lrs = [0.1 * 1 / 4, 0.1 * 2 / 4]  # warmup: base lr · (step + 1) / 4; the cosine factor is 1 before step 4
+    want = _mlp_reference(start, batches, lrs, 0.9, 0.01)
+    for step in (1, 2):
+        trainer.train(until=step, verbose=0)
+        assert trainer.step == step
+        for got, ref in zip(final_weights(trainer), want[step - 1]):
+            np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+    assert max(np.abs(a - b).max() for a, b in zip(start, want[1])) > 1e-3  # the steps move the weights
+
+
+def test_the_chunk_function_traces_once_over_several_epochs_and_chunk_lengths(tmp_path):
+    """3 epochs of 4 steps with steps_per_execution=3 and a grid checkpoint at step 2: chunks of 2, 2, 3, 1, 3, 1
+    steps, each epoch on a new iterator; one trace serves them all (n is a tensor, the iterator's spec
+    is the same), and evaluation traces once too."""
+    config = tiny_config("train.batch_size=16", "train.steps_per_execution=3", "spawn.times=[]")
+    trainer = make_trainer(config, str(tmp_path), synthetic_arrays(64, 16, (16, 1), 4))
+    trainer.restore()
+    calls = []
+    chunk = trainer._run_chunk
+    trainer._run_chunk = lambda iterator, n: calls.append(int(n)) or chunk(iterator, n)
+    trainer.train(save_steps=[2], verbose=0)
+    assert trainer.step == 12 and calls == [2, 2, 3, 1, 3, 1]
+    assert chunk.experimental_get_tracing_count() == 1
+    assert trainer._eval_batch.experimental_get_tracing_count() == 1
+
+
+# -- process-wide switches are kerasntk's only while it works ---------------------------------------------------
+
+def test_op_determinism_is_on_in_kerasntk_jobs_and_off_after_so_a_users_fit_keeps_xla(tmp_path, npz, monkeypatch):
+    """Op determinism is process-wide and Keras silently drops compile(jit_compile=True) while it is on.
+    (On this CPU every op kerasntk runs is deterministic with or without it, so no result tells the
+    difference; what it does on a GPU cannot be tested here.)"""
+    from tensorflow.python.framework import config as tf_config
+
+    from kerasntk import experiment
+    from helpers import tiny
+
+    tf_config.disable_op_determinism()
+    seen = []
+    end_epoch = training.Trainer._end_epoch
+    monkeypatch.setattr(training.Trainer, "_end_epoch",
+                        lambda self, verbose: seen.append(tf_config.is_op_determinism_enabled()) or end_epoch(self, verbose))
+    for deterministic in (True, False):
+        config = cfg.load(None, tiny(npz, "train.length=1ep", "spawn.times=[0]", "linearize.times=[]",
+                                     f"train.deterministic={str(deterministic).lower()}"))
+        ex = experiment.Experiment(config, str(tmp_path / str(deterministic)), verbose=0)
+        assert ex.run_job("parent")
+        assert seen[-1] is deterministic and not tf_config.is_op_determinism_enabled()
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    model.compile("sgd", "mse", jit_compile=True)
+    assert model.jit_compile is True
+
+
+def test_building_a_seeded_model_leaves_the_global_random_state_as_it_was(tmp_path):
+    import random
+
+    def draws():
+        return (random.random(), float(np.random.rand()), float(tf.random.uniform([])),
+                float(keras.random.uniform(())))
+
+    keras.utils.set_random_seed(123)
+    want = draws()
+    keras.utils.set_random_seed(123)
+    trainer = make_trainer(tiny_config("train.seed=5"), str(tmp_path), synthetic_arrays(64, 16, (40, 1), 10))
+    assert draws() == want
+    again = make_trainer(tiny_config("train.seed=5"), str(tmp_path / "b"), synthetic_arrays(64, 16, (40, 1), 10))
+    assert all(np.array_equal(a, b) for a, b in zip(final_weights(trainer), final_weights(again)))  # still seeded
+
+
+def test_a_multi_worker_tf_config_is_an_error_not_every_worker_writing(monkeypatch):
+    from kerasntk import distribute
+
+    monkeypatch.setenv("TF_CONFIG", '{"cluster": {"worker": ["localhost:1", "localhost:2"]}, '
+                                    '"task": {"type": "worker", "index": 1}}')
+    with pytest.raises(ValueError, match="multi-worker cluster, which kerasntk does not support"):
+        distribute.get_strategy()
+
+
 # -- resume after SIGKILL -----------------------------------------------------------------------------------
 
 def _train_cli(out, npz, *extra):

@@ -31,8 +31,6 @@ class Experiment:
     def __init__(self, config, run_dir, strategy=None, verbose=1):
         self.config, self.run, self.verbose = config, RunDir(run_dir), verbose
         self.strategy = strategy or tf.distribute.get_strategy()
-        if config.train.deterministic:
-            tf.config.experimental.enable_op_determinism()
         self.arrays = training.load_data(config)
         steps_per_epoch = data.steps_per_epoch(self.arrays, config.train.batch_size)
         cfg.validate_against(config, steps_per_epoch, self.strategy.num_replicas_in_sync)
@@ -85,7 +83,8 @@ class Experiment:
                     child=self.run_child, pairs=self.measure_pairs, merge=self.merge, report=self.report)[job.kind]
         args = [a for a in (job.step, job.child) if a is not None]
         try:
-            body(*args)
+            with training.deterministic_ops(self.config.train.deterministic):  # on for our jobs only
+                body(*args)
         except training.Preempted:
             raise
         except Exception as err:
