@@ -15,6 +15,7 @@ import pytest
 import scipy.stats
 import xarray as xr
 
+from kerasntk import fs
 from kerasntk import results as rs
 from kerasntk.rundir import RunDir
 
@@ -185,8 +186,8 @@ def test_write_atomic_failure_leaves_old_file_and_no_temporary(tmp_path, monkeyp
     monkeypatch.setattr(xr.Dataset, "to_netcdf", broken)
     with pytest.raises(OSError, match="disk full"):
         rs.write_atomic(_child(0, 0), target)
-    assert target.read_bytes() == before
-    assert os.listdir(target.parent) == ["parent.nc"]
+    assert target.read_bytes() == before and fs.seal_problem(target) is None  # the old file, still sealed
+    assert sorted(os.listdir(target.parent)) == ["parent.nc", "parent.nc.sha256"]
 
 
 def test_sigkill_during_write_atomic_leaves_no_partial_file(tmp_path):
