@@ -11,8 +11,8 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 __version__ = "0.1.0"
 
-_MODULES = ("callbacks", "config", "data", "distribute", "experiment", "faults", "fs", "hessian", "kernel_learning",
-            "landscape", "linearized", "models", "ntk", "plots", "results", "rundir", "training")
+_MODULES = ("callbacks", "config", "data", "distribute", "evaluation", "experiment", "faults", "fs", "hessian",
+            "kernel_learning", "landscape", "linearized", "models", "ntk", "plots", "results", "rundir", "training")
 _NAMES = {"Linearized": "linearized", "kernel_regression": "linearized", "linearize": "linearized",
           "run": "experiment"}
 

@@ -1,4 +1,4 @@
-"""Keras callbacks bringing kerasntk's measurements into any `model.fit` (DESIGN.md, "Callbacks").
+"""Keras callbacks bringing kerasntk's measurements into any `model.fit` (README "Keras callbacks"; metrics: docs/methods.md).
 
 - `NTKMonitor`: the empirical NTK on a probe set at chosen times; scalars into `logs` (so History,
   CSVLogger and TensorBoard record them), the trajectory into NetCDF (`parent(time, metric)`,
@@ -137,7 +137,7 @@ class NTKMonitor(_Timed):
     = S(K_prev, K_t) / (t − t_prev) (a backward difference, NaN at the first measurement),
     `ntk_distance_from_init` = S(K_first, K_t), `ntk_alignment` (centred, NaN without labels),
     `ntk_effective_rank`. In the file, `kernel_velocity` is the forward difference of the same
-    quantity (METHODS.md §4), so its value at t_prev equals the logged `ntk_velocity` at t.
+    quantity (docs/methods.md §5), so its value at t_prev equals the logged `ntk_velocity` at t.
     Kernels are kept in memory (T·N²·8 bytes for the trace kernel) to form S(t, t').
     """
 

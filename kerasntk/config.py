@@ -129,7 +129,7 @@ class NTKConfig:
     batch_size: int = 64
     enabled: bool = True
     # kernel velocity S(K_t, K_t+dt) / dt: the grid gets a checkpoint at t + dt for every time t on it
-    # (METHODS; the paper's dt is 0.4 epoch); null: to the next checkpoint, whatever its distance
+    # (docs/methods.md §5; the paper's dt is 0.4 epoch); null: to the next checkpoint, whatever its distance
     velocity_dt: str | float | None = "0.4ep"
 
 

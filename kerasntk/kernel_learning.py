@@ -1,4 +1,4 @@
-"""Kernel learning (METHODS.md §5): train the parent's linearization at time t and measure its test error.
+"""Kernel learning (docs/methods.md §6): train the parent's linearization at time t and measure its test error.
 
 One job per time t, resumable: its `rundir.JobDir` holds a resume checkpoint of the linearized model and its
 optimizer after every epoch plus `history.json`; the result is one row of `parent(time, metric)`.

@@ -1,4 +1,4 @@
-"""Loss-landscape geometry between two networks (METHODS.md §2): linear interpolation, error and loss
+"""Loss-landscape geometry between two networks (docs/methods.md §3): linear interpolation, error and loss
 barriers, BatchNorm re-estimation, function-space and weight-space distances.
 
 A *weight set* is a list of numpy arrays in `model.weights` order, i.e. what `model.get_weights()`
@@ -85,7 +85,7 @@ def path(model, w_a, w_b, alphas, eval_sets, *, bn="reestimate", bn_x=None, batc
 
 
 def barrier(curve):
-    """max_α curve(α) − ½ (curve(0) + curve(1)) (Frankle et al. 2020; METHODS.md §2).
+    """max_α curve(α) − ½ (curve(0) + curve(1)) (Frankle et al. 2020; docs/methods.md §3).
 
     The ends of `curve` must be the two endpoints. For a curve convex in α (e.g. the loss of a linear
     model) this is ½|curve(0) − curve(1)| ≥ 0, and ≤ 0 only when the endpoints are equal.
@@ -117,7 +117,7 @@ def js_divergence(logits_a, logits_b):
 def weight_distances(w_a, w_b, mask, reference_norm=None):
     """L2 distance, relative distance and cosine similarity of the trainable weights (mask True).
 
-    relative_weight_distance = ‖w_a − w_b‖ / reference_norm (METHODS: the parent's ‖w_T − w_0‖);
+    relative_weight_distance = ‖w_a − w_b‖ / reference_norm (docs/methods.md §3: the parent's ‖w_T − w_0‖);
     NaN when reference_norm is None. Computed in float64.
     """
     _check_pair(w_a, w_b)

@@ -1,4 +1,4 @@
-"""Linearized (Taylor-expanded) networks and NTK kernel regression (METHODS.md section 5).
+"""Linearized (Taylor-expanded) networks and NTK kernel regression (docs/methods.md §6).
 
 `linearize(model)` returns a Keras model computing f(x; w_t) + J(x; w_t)·Δw (optionally + ½ Δwᵀ H Δw) whose only
 trainable weights are Δw, so it trains with plain `compile()/fit()` under any strategy. `kernel_regression` is
