@@ -37,7 +37,7 @@ class Evaluator:
     def __init__(self, model, batch_size=1000, *, strategy=None, jit_compile=False):
         if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}")
-        self.model = model
+        self._model = lambda: model
         self.strategy = strategy or model.distribute_strategy
         replicas = self.strategy.num_replicas_in_sync
         self.per_replica = max(int(batch_size) // replicas, 1)
@@ -45,13 +45,19 @@ class Evaluator:
         self.jit_compile = bool(jit_compile)
         self._functions = {}
 
+    @property
+    def model(self):
+        return self._model()
+
     @classmethod
     def shared(cls, model, batch_size=1000):
         """One evaluator per (model, batch size), kept as long as the model lives, so repeated calls on the
         same model (landscape curves, BN probes) reuse one trace."""
         per_model = _SHARED.setdefault(model, {})
         if batch_size not in per_model:
-            per_model[batch_size] = cls(model, batch_size)
+            evaluator = cls(model, batch_size)
+            evaluator._model = weakref.ref(model)  # the cache must not keep its key, the model, alive
+            per_model[batch_size] = evaluator
         return per_model[batch_size]
 
     def __call__(self, x, y, *, weights=None, logits=False):
@@ -113,10 +119,8 @@ class Evaluator:
         return self._functions[kind]
 
     def _replica_metrics(self, with_logits):
-        model = self.model
-
         def metrics(x, y, mask):
-            logits = model(x, training=False)
+            logits = self.model(x, training=False)
             logits = tf.cast(logits, tf.float64 if logits.dtype == tf.float64 else tf.float32)
             loss = keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
             correct = tf.logical_and(tf.equal(tf.argmax(logits, -1, output_type=y.dtype), y), mask)
