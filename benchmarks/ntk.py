@@ -2,6 +2,7 @@
 
     python benchmarks/ntk.py --nt-python /tmp/ntvenv/bin/python          # the comparison table
     python benchmarks/ntk.py --scale                                      # ResNet-20 / cnn1d, time and peak RSS
+    python benchmarks/ntk.py --scale --cases resnet20_default             # one case: default arguments only
 
 neural-tangents runs in its own virtualenv (`python -m venv /tmp/ntvenv && /tmp/ntvenv/bin/pip install
 "jax[cpu]==0.4.23" "jaxlib==0.4.23" "neural-tangents==0.6.5" "numpy<2"`): this script re-runs itself with
@@ -146,10 +147,11 @@ def compare(nt_python, rows, repeats, rounds):
 
 # Block sizes: peak RSS grows with the block (features of a row and a column block, O backward passes);
 # ResNet-20 (272k parameters, O = 10: 11 MB of features per example) peaked at 3.2 GB with blocks of 64 and
-# 2.8 GB with 48 (N = 256).
-SCALE = {  # name: (zoo model, input shape, options, trace_axes, block size)
-    "resnet20": ("resnet20", (32, 32, 3), {}, (-1,), 64),
+# 2.8 GB with 48 (N = 256). "resnet20_default" passes no block size: the one ntk.FEATURE_BUDGET gives.
+SCALE = {  # name: (zoo model, input shape, options, trace_axes, block size or None for the default)
     "cnn1d": ("cnn1d", (40, 1), {}, (), 128),
+    "resnet20": ("resnet20", (32, 32, 3), {}, (-1,), 64),
+    "resnet20_default": ("resnet20", (32, 32, 3), {}, (-1,), None),
 }
 
 
@@ -161,7 +163,11 @@ def _scale_case(name, n, batch_size):
     arch, shape, options, trace_axes, _ = SCALE[name]
     model = models.get(arch, shape, 10, **options)
     x = np.random.default_rng(0).normal(size=(n, *shape)).astype("float32")
-    fn = kntk.empirical_ntk_fn(model, trace_axes=trace_axes, batch_size=batch_size)
+    if batch_size is None:  # the defaults, as a user calls it
+        fn = kntk.empirical_ntk_fn(model, trace_axes=trace_axes)
+        batch_size = f"default ({kntk.default_batch_size(model, 10, model.compute_dtype)})"
+    else:
+        fn = kntk.empirical_ntk_fn(model, trace_axes=trace_axes, batch_size=batch_size)
     start = time.perf_counter()
     k = fn(x)
     seconds = time.perf_counter() - start
@@ -174,7 +180,7 @@ def _scale_case(name, n, batch_size):
 def scale(cases):
     """Run each scale case in a fresh process (so peak RSS is its own)."""
     for name, n, batch_size in cases:
-        subprocess.run([sys.executable, os.path.abspath(__file__), "--scale-case", name, str(n), str(batch_size)],
+        subprocess.run([sys.executable, os.path.abspath(__file__), "--scale-case", name, str(n), str(batch_size or 0)],
                        check=True)
 
 
@@ -188,16 +194,20 @@ def main():
     parser.add_argument("--resnet-n", type=int, default=1024)
     parser.add_argument("--cnn1d-n", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, help="block size of the scale runs (default: per case, see SCALE)")
+    parser.add_argument("--cases", default=",".join(SCALE), help=f"comma-separated scale cases among {', '.join(SCALE)}")
     parser.add_argument("--nt-worker", nargs=2, metavar=("SPEC", "OUT"), help=argparse.SUPPRESS)
     parser.add_argument("--scale-case", nargs=3, metavar=("NAME", "N", "BS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.nt_worker:
         return _nt_worker(*args.nt_worker)
     if args.scale_case:
-        return _scale_case(args.scale_case[0], int(args.scale_case[1]), int(args.scale_case[2]))
+        return _scale_case(args.scale_case[0], int(args.scale_case[1]), int(args.scale_case[2]) or None)
     if args.scale:
-        return scale([(name, n, args.batch_size or SCALE[name][4])
-                      for name, n in (("cnn1d", args.cnn1d_n), ("resnet20", args.resnet_n))])
+        cases = args.cases.split(",")
+        if set(cases) - set(SCALE):
+            parser.error(f"unknown cases {sorted(set(cases) - set(SCALE))}; allowed: {', '.join(SCALE)}")
+        return scale([(name, args.cnn1d_n if SCALE[name][0] == "cnn1d" else args.resnet_n,
+                       args.batch_size or SCALE[name][4]) for name in cases])
     if not args.nt_python:
         parser.error("--nt-python is required for the comparison (or pass --scale)")
     rows = args.rows.split(",")

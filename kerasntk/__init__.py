@@ -15,8 +15,9 @@ distribute.set_tpu_environment()
 
 __version__ = "0.1.0"
 
-_MODULES = ("callbacks", "config", "data", "distribute", "experiment", "faults", "fs", "hessian", "kernel_learning",
-            "landscape", "linearized", "models", "models_from_runs", "ntk", "plots", "results", "rundir", "training")
+_MODULES = ("callbacks", "config", "data", "distribute", "errors", "evaluation", "experiment", "faults", "fs",
+            "hessian", "kernel_learning", "landscape", "linearized", "models", "models_from_runs", "ntk", "plots",
+            "results", "rundir", "training")
 _NAMES = {"Linearized": "linearized", "kernel_regression": "linearized", "linearize": "linearized",
           "load_model": "models_from_runs", "run": "experiment"}
 

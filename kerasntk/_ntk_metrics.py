@@ -1,4 +1,4 @@
-"""Kernel metrics (METHODS.md §4), re-exported by `kerasntk.ntk`; every reduction runs in float64.
+"""Kernel metrics (docs/methods.md §5), re-exported by `kerasntk.ntk`; every reduction runs in float64.
 
 Each accepts a trace kernel (N, N) or a full kernel (N, N, O, O); a full kernel is viewed as the
 (N·O, N·O) matrix with row index i·O + a.
@@ -44,7 +44,7 @@ def _check_times(times, count):
 
 
 def kernel_velocity(kernels, times, dt=None):
-    """v_i = S(K_i, K_j) / (t_j − t_i) with t_j = t_i + dt (METHODS: a fixed dt, the paper's 0.4 epoch), NaN
+    """v_i = S(K_i, K_j) / (t_j − t_i) with t_j = t_i + dt (docs/methods.md §5: a fixed dt, the paper's 0.4 epoch), NaN
     where no kernel is at t_i + dt; `dt=None` takes the next kernel (NaN at the last time)."""
     times = _check_times(times, len(kernels))
     return velocity_from(lambda i, j: kernel_distance(kernels[i], kernels[j]), times, dt)

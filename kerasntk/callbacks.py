@@ -1,4 +1,4 @@
-"""Keras callbacks bringing kerasntk's measurements into any `model.fit` (DESIGN.md, "Callbacks").
+"""Keras callbacks bringing kerasntk's measurements into any `model.fit` (README "Keras callbacks"; metrics: docs/methods.md).
 
 - `NTKMonitor`: the empirical NTK on a probe set at chosen times; scalars into `logs` (so History,
   CSVLogger and TensorBoard record them), the trajectory into NetCDF (`parent(time, metric)`,
@@ -29,6 +29,7 @@ import tensorflow as tf  # noqa: E402
 from kerasntk import config as cfg  # noqa: E402
 from kerasntk import data, fs, hessian, landscape, ntk, results, rundir, training  # noqa: E402
 from kerasntk._ntk_metrics import distance_matrix, velocity_from  # noqa: E402
+from kerasntk.evaluation import Evaluator  # noqa: E402
 
 LOG_KEYS = ("ntk_velocity", "ntk_distance_from_init", "ntk_alignment", "ntk_effective_rank")
 HESSIAN_LOG_KEYS = ("hessian_top_eigenvalue", "hessian_trace", "hessian_trace_stderr")
@@ -124,6 +125,9 @@ class NTKMonitor(_Timed):
     every: "epoch" (at the start and after every epoch), an int n (every n optimizer steps), or a list
       of times in epochs (fractional allowed) or steps ("100it").
     trace_axes, implementation, batch_size: as `kerasntk.ntk.empirical_ntk_fn`.
+    test_data: (x, y) with integer labels: at every measurement also `test_error` and `test_loss`, computed by
+      `kerasntk.evaluation.Evaluator` in batches of `eval_batch_size` (as the trainer's history and the
+      experiment's `parent`), into the rows and the file (not into `logs`, where Keras puts its own validation).
     path: NetCDF file (kerasntk schema: `parent(time, metric)`, `kernel_distance(time, time_b)`, and
       with keep_kernels `ntk(time, probe, probe_b[, logit, logit_b])`), written atomically after every
       `write_every` measurements and at the end of training; `flush()` writes it on demand.
@@ -133,13 +137,16 @@ class NTKMonitor(_Timed):
     = S(K_prev, K_t) / (t − t_prev) (a backward difference, NaN at the first measurement),
     `ntk_distance_from_init` = S(K_first, K_t), `ntk_alignment` (centred, NaN without labels),
     `ntk_effective_rank`. In the file, `kernel_velocity` is the forward difference of the same
-    quantity (METHODS.md §4), so its value at t_prev equals the logged `ntk_velocity` at t.
+    quantity (docs/methods.md §5), so its value at t_prev equals the logged `ntk_velocity` at t.
     Kernels are kept in memory (T·N²·8 bytes for the trace kernel) to form S(t, t').
     """
 
     def __init__(self, x_probe, y_probe=None, *, every="epoch", trace_axes=(-1,), implementation="auto",
-                 batch_size=None, path=None, keep_kernels=False, write_every=1, verbose=0):
+                 batch_size=None, test_data=None, eval_batch_size=1000, path=None, keep_kernels=False, write_every=1,
+                 verbose=0):
         super().__init__(every, "NTKMonitor")
+        self.test_data = None if test_data is None else _xy(test_data, "test_data", "NTKMonitor")
+        self.eval_batch_size = eval_batch_size
         self.x_probe = np.asarray(x_probe)
         self.y_probe = None if y_probe is None else np.asarray(y_probe)
         if self.y_probe is not None and len(self.y_probe) != len(self.x_probe):
@@ -149,12 +156,13 @@ class NTKMonitor(_Timed):
         self.trace_axes, self.implementation, self.batch_size = tuple(trace_axes), implementation, batch_size
         self.path, self.keep_kernels, self.write_every, self.verbose = path, keep_kernels, int(write_every), verbose
         self.kernels, self.steps, self.times, self.rows = [], [], [], []
-        self._ntk_fn, self._attrs = None, None
+        self._ntk_fn, self._evaluator, self._attrs = None, None, None
 
     def on_train_begin(self, logs=None):
         if self._ntk_fn is None:
             self._ntk_fn = ntk.empirical_ntk_fn(self.model, trace_axes=self.trace_axes,
                                                 implementation=self.implementation, batch_size=self.batch_size)
+            self._evaluator = Evaluator(self.model, self.eval_batch_size)
             self._attrs = results.global_attrs(self._settings(), {})
         super().on_train_begin(logs)
 
@@ -196,6 +204,9 @@ class NTKMonitor(_Timed):
         if self.y_probe is not None:
             row["ntk_alignment"] = ntk.kernel_alignment(K, self.y_probe, centered=True)
             row["ntk_alignment_uncentered"] = ntk.kernel_alignment(K, self.y_probe, centered=False)
+        if self.test_data is not None:
+            test = self._evaluator(*self.test_data)
+            row.update(test_error=test["error"], test_loss=test["loss"])
         return row
 
     def dataset(self):
@@ -212,6 +223,8 @@ class NTKMonitor(_Timed):
         if self.y_probe is not None:
             metrics["kernel_alignment"] = np.array([r["ntk_alignment"] for r in self.rows])
             metrics["kernel_alignment_uncentered"] = np.array([r["ntk_alignment_uncentered"] for r in self.rows])
+        if self.test_data is not None:
+            metrics.update({k: np.array([r[k] for r in self.rows]) for k in ("test_error", "test_loss")})
         ds = results.parent_dataset(self.steps, times, metrics, kernel_distance=S, attrs=self._attrs)
         if self.keep_kernels:
             dims = ("time", "probe", "probe_b") + (() if self.kernels[0].ndim == 2 else ("logit", "logit_b"))
@@ -513,7 +526,8 @@ class LandscapeProbe(keras.callbacks.Callback):
                  batch_size=512, path=None):
         super().__init__()
         self.reference, self.path, self.batch_size = reference, path, int(batch_size)
-        self.test_data, self.train_data = _xy(test_data, "test_data"), _xy(train_data, "train_data")
+        self.test_data = _xy(test_data, "test_data", "LandscapeProbe")
+        self.train_data = _xy(train_data, "train_data", "LandscapeProbe")
         self.alphas = np.linspace(0.0, 1.0, alphas) if isinstance(alphas, (int, np.integer)) else np.asarray(alphas)
         self.bn, self.bn_x = bn, bn_x
         self.scalars, self.curves = None, None
@@ -552,9 +566,9 @@ class LandscapeProbe(keras.callbacks.Callback):
         results.write_atomic(ds, self.path)
 
 
-def _xy(pair, name):
+def _xy(pair, name, owner):
     if not isinstance(pair, (tuple, list)) or len(pair) != 2:
-        raise ValueError(f"LandscapeProbe: {name} must be a pair (x, y) of arrays with integer labels y")
+        raise ValueError(f"{owner}: {name} must be a pair (x, y) of arrays with integer labels y")
     return np.asarray(pair[0]), np.asarray(pair[1])
 
 

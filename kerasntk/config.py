@@ -18,11 +18,7 @@ class ConfigError(ValueError):
     """A configuration value that is malformed or not allowed."""
 
 
-DATASETS = ("mnist1d", "cifar10", "cifar100", "mnist", "fashion_mnist", "svhn_cropped", "npz")
-MODELS = ("cnn1d", "cnn", "mlp", "resnet20", "wide_resnet", "keras_file")
 SCHEDULES = ("constant", "cosine", "step")
-BN_MODES = ("reestimate", "interpolate")
-NTK_IMPLEMENTATIONS = ("auto", "jacobian", "structured", "ntk_vp")
 
 _DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(ep|it)\s*$")
 
@@ -133,7 +129,7 @@ class NTKConfig:
     batch_size: int = 64
     enabled: bool = True
     # kernel velocity S(K_t, K_t+dt) / dt: the grid gets a checkpoint at t + dt for every time t on it
-    # (METHODS; the paper's dt is 0.4 epoch); null: to the next checkpoint, whatever its distance
+    # (docs/methods.md §5; the paper's dt is 0.4 epoch); null: to the next checkpoint, whatever its distance
     velocity_dt: str | float | None = "0.4ep"
 
 
@@ -298,12 +294,16 @@ def _field(config, dotted):
 
 def validate(config):
     """Check every field that can be checked without data; raise ConfigError on the first bad one."""
+    # The engines own their allowed values (datasets, models, NTK implementations, BN modes); importing them
+    # here, not at the top, keeps `import kerasntk.config` (and `kerasntk --help`) free of TensorFlow.
+    from kerasntk import data, landscape, models, ntk
+
     d, t, c, s = config.data, config.train, config.checkpoints, config.spawn
-    _check(d.name in DATASETS, "data.name", d.name, ", ".join(DATASETS))
+    _check(d.name in data.NAMES, "data.name", d.name, ", ".join(data.NAMES))
     _check(d.name != "npz" or bool(d.path), "data.path", d.path, "a path to an .npz file when data.name is 'npz'")
     _check(d.augment in (None, True, False, "pad_crop_flip"), "data.augment", d.augment,
            "null (the dataset's standard), true, false or 'pad_crop_flip'")
-    _check(config.model.name in MODELS, "model.name", config.model.name, ", ".join(MODELS))
+    _check(config.model.name in models.names(), "model.name", config.model.name, ", ".join(models.names()))
     _check(isinstance(config.model.options, dict), "model.options", config.model.options, "a mapping")
     kinds = {  # field -> (is the value allowed, what is allowed)
         **dict.fromkeys(("train.milestones", "checkpoints.times", "spawn.times", "linearize.times"),
@@ -343,7 +343,7 @@ def validate(config):
     _check(_is_int(s.children) and s.children >= 1, "spawn.children", s.children, "an integer >= 1 (>= 2 for pairs)")
     _check(s.diverged in ("fail", "record"), "spawn.diverged", s.diverged, "fail, record")
     n = config.ntk
-    _check(n.implementation in NTK_IMPLEMENTATIONS, "ntk.implementation", n.implementation, ", ".join(NTK_IMPLEMENTATIONS))
+    _check(n.implementation in ntk.IMPLEMENTATIONS, "ntk.implementation", n.implementation, ", ".join(ntk.IMPLEMENTATIONS))
     _check(_is_int(n.probe_size) and n.probe_size > 1, "ntk.probe_size", n.probe_size, "an integer > 1")
     _check(_is_int(n.batch_size) and n.batch_size > 0, "ntk.batch_size", n.batch_size, "an integer > 0")
     if n.velocity_dt is not None:
@@ -351,7 +351,7 @@ def validate(config):
                "a duration > 0 or null")
     la = config.landscape
     _check(_is_int(la.alphas) and la.alphas >= 2, "landscape.alphas", la.alphas, "an integer >= 2")
-    _check(la.bn in BN_MODES, "landscape.bn", la.bn, ", ".join(BN_MODES))
+    _check(la.bn in landscape.BN_MODES, "landscape.bn", la.bn, ", ".join(landscape.BN_MODES))
     for name in ("bn_examples", "train_examples", "batch_size"):
         value = getattr(la, name)
         _check(_is_int(value) and value > 0, f"landscape.{name}", value, "an integer > 0")

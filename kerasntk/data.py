@@ -18,7 +18,8 @@ import numpy as np
 import tensorflow as tf
 
 from kerasntk import fs  # noqa: E402
-from kerasntk.config import DATASETS as NAMES  # noqa: E402  (one list: the config schema's)
+
+NAMES = ("mnist1d", "cifar10", "cifar100", "mnist", "fashion_mnist", "svhn_cropped", "npz")  # what `load` knows
 AUGMENTATIONS = ("pad_crop_flip",)
 CROP_PADDING = 4  # pixels on each side before the random crop (He et al. 2016 CIFAR augmentation)
 _IMAGE_AUGMENT = {"cifar10": "pad_crop_flip", "cifar100": "pad_crop_flip", "svhn_cropped": "pad_crop_flip"}

@@ -1,4 +1,4 @@
-"""Kernel learning (METHODS.md §5): train the parent's linearization at time t and measure its test error.
+"""Kernel learning (docs/methods.md §6): train the parent's linearization at time t and measure its test error.
 
 One job per time t, resumable: its `rundir.JobDir` holds a resume checkpoint of the linearized model and its
 optimizer after every epoch plus `history.json`; the result is one row of `parent(time, metric)`.
@@ -11,7 +11,8 @@ import numpy as np
 import tensorflow as tf
 
 from kerasntk import config as cfg
-from kerasntk import data, landscape
+from kerasntk import data
+from kerasntk.evaluation import Evaluator
 from kerasntk.linearized import linearize
 from kerasntk.training import Diverged
 
@@ -45,6 +46,7 @@ def fit_linearized(model, weights, arrays, config, job, strategy, verbose=1):
         lin.build(model.input_shape)
         optimizer.build(lin.trainable_variables)
     checkpoint = tf.train.Checkpoint(model=lin, optimizer=optimizer)
+    evaluator = Evaluator(lin, config.train.eval_batch_size, strategy=strategy)
     history = _restore(job, checkpoint)
     for epoch in range(len(history), epochs):
         batches = data.train_batches(train_arrays, batch_size=lc.batch_size, epoch=epoch,
@@ -54,8 +56,8 @@ def fit_linearized(model, weights, arrays, config, job, strategy, verbose=1):
         if not np.isfinite(loss):  # checked once per epoch: a NaN model must not be measured or checkpointed
             raise Diverged(f"the linearized network of {job.path} has a non-finite training loss in epoch "
                            f"{epoch + 1}; lower linearize.lr")
-        test = landscape.evaluate(lin, None, arrays.x_test, arrays.y_test)
-        val = landscape.evaluate(lin, None, x_val, y_val)
+        test = evaluator(arrays.x_test, arrays.y_test)
+        val = evaluator(x_val, y_val)
         history.append(dict(epoch=epoch + 1, test_error=test["error"], test_loss=test["loss"],
                             val_error=val["error"]))
         if verbose:

@@ -1,8 +1,9 @@
-"""Loss-landscape geometry between two networks (METHODS.md §2): linear interpolation, error and loss
+"""Loss-landscape geometry between two networks (docs/methods.md §3): linear interpolation, error and loss
 barriers, BatchNorm re-estimation, function-space and weight-space distances.
 
 A *weight set* is a list of numpy arrays in `model.weights` order, i.e. what `model.get_weights()`
-returns, BatchNorm moving statistics included. Reductions are done in float64 on the host.
+returns, BatchNorm moving statistics included. Errors and losses come from `kerasntk.evaluation.Evaluator`;
+the other reductions are done in float64 on the host.
 """
 
 import contextlib
@@ -16,7 +17,9 @@ import numpy as np  # noqa: E402
 from keras import ops  # noqa: E402
 
 from kerasntk import models  # noqa: E402
-from kerasntk.config import BN_MODES  # noqa: E402  (one list: the config schema's)
+from kerasntk.evaluation import Evaluator  # noqa: E402
+
+BN_MODES = ("reestimate", "interpolate")  # how `path` treats BatchNorm statistics along the path
 
 
 def trainable_mask(model):
@@ -36,19 +39,6 @@ def interpolate(w_a, w_b, alpha):
         ((1.0 - alpha) * np.asarray(a, np.float64) + alpha * np.asarray(b, np.float64)).astype(np.asarray(a).dtype)
         for a, b in zip(w_a, w_b)
     ]
-
-
-def evaluate(model, weights, x, y, batch_size=512):
-    """Error, mean cross-entropy (nats) and float64 logits of `model` on (x, y) in inference mode.
-
-    `weights` (a weight set) is loaded into the model first; None evaluates the current weights.
-    `y` holds integer class labels, shape (N,).
-    """
-    if weights is not None:
-        model.set_weights(weights)
-    y = _labels(y, len(x))
-    logits = np.asarray(_predict(model, x, batch_size), np.float64)
-    return dict(error=_error(logits, y), loss=_cross_entropy(logits, y), logits=logits)
 
 
 def reestimate_batchnorm(model, x_batches, batch_size=512):
@@ -81,20 +71,21 @@ def path(model, w_a, w_b, alphas, eval_sets, *, bn="reestimate", bn_x=None, batc
     if not eval_sets:
         raise ValueError("path needs at least one eval set {name: (x, y)}; got none")
     curves = {f"{name}_{kind}": np.empty(len(alphas)) for name in eval_sets for kind in ("error", "loss")}
+    evaluator = Evaluator.shared(model, batch_size)
     with _preserved_weights(model):
         for i, alpha in enumerate(alphas):
             model.set_weights(interpolate(w_a, w_b, alpha))
             if reestimate:
                 reestimate_batchnorm(model, bn_x, batch_size)
             for name, (x, y) in eval_sets.items():
-                result = evaluate(model, None, x, y, batch_size)
+                result = evaluator(x, y)
                 curves[f"{name}_error"][i] = result["error"]
                 curves[f"{name}_loss"][i] = result["loss"]
     return curves
 
 
 def barrier(curve):
-    """max_α curve(α) − ½ (curve(0) + curve(1)) (Frankle et al. 2020; METHODS.md §2).
+    """max_α curve(α) − ½ (curve(0) + curve(1)) (Frankle et al. 2020; docs/methods.md §3).
 
     The ends of `curve` must be the two endpoints. For a curve convex in α (e.g. the loss of a linear
     model) this is ½|curve(0) − curve(1)| ≥ 0, and ≤ 0 only when the endpoints are equal.
@@ -126,7 +117,7 @@ def js_divergence(logits_a, logits_b):
 def weight_distances(w_a, w_b, mask, reference_norm=None):
     """L2 distance, relative distance and cosine similarity of the trainable weights (mask True).
 
-    relative_weight_distance = ‖w_a − w_b‖ / reference_norm (METHODS: the parent's ‖w_T − w_0‖);
+    relative_weight_distance = ‖w_a − w_b‖ / reference_norm (docs/methods.md §3: the parent's ‖w_T − w_0‖);
     NaN when reference_norm is None. Computed in float64.
     """
     _check_pair(w_a, w_b)
@@ -163,9 +154,10 @@ def compare(model, w_a, w_b, *, x_test, y_test, x_train, y_train, alphas=None, b
     eval_sets = dict(test=(x_test, y_test), train=(x_train, y_train))
     curves = path(model, w_a, w_b, alphas, eval_sets, bn=bn, bn_x=x_train if bn_x is None else bn_x,
                   batch_size=batch_size)
+    evaluator = Evaluator.shared(model, batch_size)
     with _preserved_weights(model):
-        logits_a = evaluate(model, w_a, x_test, y_test, batch_size)["logits"]
-        logits_b = evaluate(model, w_b, x_test, y_test, batch_size)["logits"]
+        logits_a = evaluator(x_test, y_test, weights=w_a, logits=True)["logits"]
+        logits_b = evaluator(x_test, y_test, weights=w_b, logits=True)["logits"]
     scalars = dict(
         error_barrier=barrier(curves["test_error"]),
         loss_barrier=barrier(curves["test_loss"]),
@@ -215,7 +207,7 @@ class _ExampleMoments(keras.layers.Layer):
 def _channel_moments(probe, positions, x, batch_size):
     """Population mean and biased variance per channel, combining per-example moments in float64
     (Chan et al.: M2 = Σ_i M2_i + n Σ_i (mean_i − mean)², n positions per example)."""
-    means, m2s = (np.asarray(a, np.float64) for a in _predict(probe, x, batch_size))
+    means, m2s = (np.asarray(a, np.float64) for a in Evaluator.shared(probe, batch_size).predict(x))
     mean = means.mean(0)
     m2 = m2s.sum(0) + positions * np.sum((means - mean) ** 2, axis=0)
     return mean, m2 / (positions * len(means))
@@ -241,22 +233,6 @@ def _bn_mode(model, bn, bn_x):
     return reestimate
 
 
-def _predict(model, x, batch_size):
-    """Outputs of `model` on `x` in inference mode, batch by batch. On one replica `predict_on_batch`
-    (low overhead); under a multi-replica strategy `predict`, which splits batches over the replicas
-    (`predict_on_batch` there returns one full copy of the outputs per replica)."""
-    if len(x) == 0:
-        raise ValueError("cannot evaluate on an empty input array")
-    if int(batch_size) < 1:
-        raise ValueError(f"batch_size must be a positive integer; got {batch_size}")
-    if model.distribute_strategy.num_replicas_in_sync > 1:
-        return model.predict(x, batch_size=int(batch_size), verbose=0)
-    outputs = [model.predict_on_batch(x[i:i + int(batch_size)]) for i in range(0, len(x), int(batch_size))]
-    if isinstance(outputs[0], (list, tuple)):
-        return [np.concatenate(parts) for parts in zip(*outputs)]
-    return np.concatenate(outputs)
-
-
 def _alphas(alphas):
     """Validate an interpolation grid: 1-D, non-empty, finite."""
     alphas = np.asarray(alphas, np.float64)
@@ -265,25 +241,9 @@ def _alphas(alphas):
     return alphas
 
 
-def _labels(y, n):
-    """Integer class labels of shape (n,)."""
-    y = np.asarray(y)
-    if y.shape != (n,) or not np.issubdtype(y.dtype, np.integer):
-        raise ValueError(f"y must be integer class labels of shape ({n},); got dtype {y.dtype}, shape {y.shape}")
-    return y
-
-
 def _log_softmax(logits):
     shifted = logits - logits.max(-1, keepdims=True)
     return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
-
-
-def _cross_entropy(logits, y):
-    return float(-np.mean(_log_softmax(logits)[np.arange(len(y)), y]))
-
-
-def _error(logits, y):
-    return float(np.mean(logits.argmax(-1) != y))
 
 
 def _logit_pair(logits_a, logits_b):

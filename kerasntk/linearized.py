@@ -1,4 +1,4 @@
-"""Linearized (Taylor-expanded) networks and NTK kernel regression (METHODS.md section 5).
+"""Linearized (Taylor-expanded) networks and NTK kernel regression (docs/methods.md §6).
 
 `linearize(model)` returns a Keras model computing f(x; w_t) + J(x; w_t)·Δw (optionally + ½ Δwᵀ H Δw) whose only
 trainable weights are Δw, so it trains with plain `compile()/fit()` under any strategy. `kernel_regression` is
@@ -17,6 +17,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from kerasntk import ntk  # noqa: E402
+from kerasntk.evaluation import Evaluator  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +215,7 @@ class _NTKOperator:
         self.model = model
         self.variables = list(model.trainable_variables)
         self.batch_size = batch_size
-        self._outputs = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+        self._evaluator = Evaluator(model, batch_size)
         self._vjp = tf.function(self._vjp_block, reduce_retracing=True)
         self._jvp = tf.function(self._jvp_block, reduce_retracing=True)
 
@@ -233,7 +234,7 @@ class _NTKOperator:
 
     def outputs(self, x):
         """f(x; w_t) as float64, shape (N, O)."""
-        return np.concatenate([self._outputs(x[b]).numpy() for b in self._blocks(len(x))]).astype(np.float64)
+        return self._evaluator.predict(x).astype(np.float64)
 
     def vjp(self, x, v):
         """Jᵀv = Σᵢ ∂(f(xᵢ)·vᵢ)/∂w for v of shape (N, O): a list of tensors shaped like the trainable variables."""

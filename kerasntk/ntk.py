@@ -46,7 +46,8 @@ from kerasntk._ntk_metrics import (  # noqa: E402,F401  (re-exported public API)
     trajectory_metrics,
 )
 
-from kerasntk.config import NTK_IMPLEMENTATIONS as IMPLEMENTATIONS  # noqa: E402  (one list: the config schema's)
+IMPLEMENTATIONS = ("auto", "jacobian", "structured", "ntk_vp")  # the `implementation=` values (module docstring)
+FEATURE_BUDGET = 2**30  # bytes: two blocks' Jacobian features per device when no batch_size is given
 
 
 def empirical_ntk_fn(model, *, trace_axes=(-1,), implementation="auto", batch_size=None, dtype=None, strategy=None,
@@ -54,7 +55,8 @@ def empirical_ntk_fn(model, *, trace_axes=(-1,), implementation="auto", batch_si
     """A function `ntk(x1, x2=None, *, out=None)` computing the empirical NTK of `model` as numpy.
 
     trace_axes: () for the full kernel (N1, N2, O, O); (-1,) for the trace kernel (N1, N2), averaged over logits.
-    batch_size: examples per block; peak memory grows with it, not with N (None: one block per input).
+    batch_size: examples per block; peak memory grows with it, not with N (None: `default_batch_size`, the
+      largest block whose features fit the memory budget `FEATURE_BUDGET`, 1 GiB per device).
     dtype: dtype of the contraction and of the result (default: the model's compute dtype); derivatives
       are taken in the model's own dtype (build it under `keras.config.set_floatx("float64")` for float64).
     strategy: a tf.distribute strategy whose replicas compute different block pairs (create the model
@@ -82,6 +84,17 @@ def empirical_ntk_fn(model, *, trace_axes=(-1,), implementation="auto", batch_si
     if per_layer:
         ntk.layer_names = tuple(layer.name for layer in trainable_layers(model))
     return ntk
+
+
+def default_batch_size(model, out_dim, dtype, budget=None):
+    """Examples per block when none is given: the largest block such that two blocks' per-example Jacobians
+    (a row and a column block, O logits × P trainable parameters per example, in the wider of the model's and
+    the contraction's dtype) fit in `budget` bytes. An upper bound on the features (structured derivatives keep
+    Dense layers' inputs and cotangents instead); the backward passes' activations come on top (ResNet-20 at
+    N = 1024: BENCHMARKS.md, "NTK at scale"). budget: bytes, default `FEATURE_BUDGET`."""
+    params = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
+    itemsize = max(tf.as_dtype(model.compute_dtype).size, tf.as_dtype(dtype).size)
+    return max(1, (budget or FEATURE_BUDGET) // (2 * out_dim * params * itemsize))
 
 
 def ntk_vp_fn(model, x1, x2=None):
@@ -198,6 +211,7 @@ class _Engine:
         self._setup(x1)
         sym = x2 is None
         x2 = x1 if sym else _as_input(self.model, x2)
+        batch_size = batch_size or default_batch_size(self.model, self.out_dim, self.dtype)
         blocks1, blocks2 = _blocks(x1, batch_size), _blocks(x2, batch_size)
         if sym:  # upper triangle, each row right to left: row i+1's features are row i's last column's
             pairs = [(i, j) for i in range(len(blocks1)) for j in range(len(blocks1) - 1, i - 1, -1)]
@@ -266,7 +280,7 @@ class _Engine:
 def _blocks(x, batch_size):
     """[(start, stop, block)] covering x; every block padded with zeros to batch_size (static shapes)."""
     n = x.shape[0]
-    size = n if batch_size is None else min(int(batch_size), n)
+    size = min(int(batch_size), n)
     out = []
     for start in range(0, n, size):
         block = x[start : start + size]

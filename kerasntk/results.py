@@ -1,4 +1,4 @@
-"""The results schema (DESIGN.md "Results schema"): xarray Datasets per job, atomic NetCDF writes,
+"""The results schema (README "Results"; metric definitions in docs/methods.md): xarray Datasets per job, atomic NetCDF writes,
 merging job files into one Dataset, and the correlation of metrics across spawn time.
 
 Stacked variables `parent(time, metric)`, `child(time, spawn, metric)`, `pair(time, child_pair, metric)` and

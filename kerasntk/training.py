@@ -19,6 +19,7 @@ import numpy as np
 import tensorflow as tf
 
 from kerasntk import data, faults, models
+from kerasntk.evaluation import Evaluator
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,8 @@ class Trainer:
         self._partial = np.zeros(3)  # (loss sum, correct, count) of the current epoch so far
         self._last_finite_loss = None
         self._run_chunk = self._make_chunk_fn()
-        self._eval_batch = self._make_eval_fn()
+        self.evaluator = Evaluator(model, train.eval_batch_size, strategy=self.strategy,
+                                   jit_compile=use_xla(train.jit_compile, self.strategy))
 
     @property
     def step(self):
@@ -190,7 +192,7 @@ class Trainer:
                        "or add train.warmup")
 
     def _end_epoch(self, verbose):
-        test = self.evaluate(self.arrays.x_test, self.arrays.y_test)
+        test = self.evaluator(self.arrays.x_test, self.arrays.y_test)
         totals, self._partial = self._partial, np.zeros(3)
         row = dict(epoch=self.epoch(), step=self.step, lr=float(self.optimizer.learning_rate.numpy()),
                    train_loss=totals[0] / max(totals[2], 1), train_error=1 - totals[1] / max(totals[2], 1),
@@ -236,38 +238,6 @@ class Trainer:
             return totals
 
         return run_chunk
-
-    def _make_eval_fn(self):
-        model, strategy = self.model, self.strategy
-
-        def replica_eval(x, y, mask):
-            logits = model(x, training=False)
-            loss = keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
-            correct = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=y.dtype), y), tf.float32)
-            return tf.stack([tf.reduce_sum(loss * mask), tf.reduce_sum(correct * mask), tf.reduce_sum(mask)])
-
-        @tf.function
-        def eval_batch(x, y, mask):
-            return strategy.reduce("SUM", strategy.run(replica_eval, args=(x, y, mask)), axis=None)
-
-        return eval_batch
-
-    def evaluate(self, x, y):
-        """Mean cross-entropy and 0-1 error of the current weights on (x, y), in inference mode.
-
-        The last batch is padded to the full eval batch (masked out), so every call has one static shape.
-        """
-        batch = self.train_config.eval_batch_size
-        batch = batch - batch % self.strategy.num_replicas_in_sync or self.strategy.num_replicas_in_sync
-        pad = -len(x) % batch
-        mask = np.concatenate([np.ones(len(x), np.float32), np.zeros(pad, np.float32)])
-        x = np.concatenate([x, np.repeat(x[:1], pad, 0)])
-        y = np.concatenate([y, np.repeat(y[:1], pad, 0)]).astype(np.int32)
-        ds = tf.data.Dataset.from_tensor_slices((x, y, mask)).batch(batch, drop_remainder=True)
-        totals = np.zeros(3)
-        for xb, yb, mb in self.strategy.experimental_distribute_dataset(ds):
-            totals += self._eval_batch(xb, yb, mb).numpy()
-        return dict(loss=float(totals[0] / totals[2]), error=float(1 - totals[1] / totals[2]))
 
 
 def use_xla(jit_compile, strategy):

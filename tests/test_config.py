@@ -51,7 +51,7 @@ def test_duration_steps():
 
 @pytest.mark.parametrize("overrides, field, allowed", [
     (["data.name=imagenet"], "data.name", "mnist1d, cifar10"),
-    (["model.name=vgg"], "model.name", "cnn1d, cnn, mlp"),
+    (["model.name=vgg"], "model.name", "cnn, cnn1d, keras_file, mlp"),
     (["train.length=0"], "train.length", "a duration > 0"),
     (["train.length=-3"], "train.length", ">= 0"),
     (["train.length=30 epochs"], "train.length", "'30ep'"),

@@ -9,6 +9,12 @@ from keras import layers
 
 from kerasntk import landscape as ls
 from kerasntk import models
+from kerasntk.evaluation import Evaluator
+
+
+def evaluate(model, weights, x, y):
+    """What the landscape functions evaluate with (their default batch size)."""
+    return Evaluator.shared(model, 512)(x, y, weights=weights, logits=True)
 
 
 def _softmax_regression(d=6, classes=3):
@@ -136,20 +142,7 @@ def test_path_restores_weights_and_rejects_bad_options():
     with pytest.raises(ValueError, match="alphas from 0 to 1"):
         ls.compare(model, before, before, x_test=x, y_test=y, x_train=x, y_train=y, alphas=[0.1, 1.0])
     with pytest.raises(ValueError, match="integer class labels"):
-        ls.evaluate(model, None, x, y.astype(np.float32))
-
-
-def test_evaluate_matches_numpy_softmax_regression():
-    rng = np.random.default_rng(5)
-    model = _softmax_regression()
-    x, y = _softmax_data(rng, n=50)
-    w = _random_weights(model, rng)
-    result = ls.evaluate(model, w, x, y, batch_size=16)
-    logits = x.astype(np.float64) @ w[0] + w[1]
-    log_p = logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)
-    np.testing.assert_allclose(result["logits"], logits, rtol=1e-5, atol=1e-5)  # float32 matmul
-    assert result["loss"] == pytest.approx(-np.mean(log_p[np.arange(50), y]), rel=1e-5)
-    assert result["error"] == np.mean(logits.argmax(1) != y)
+        ls.path(model, before, before, [0, 1], {"t": (x, y.astype(np.float32))})
 
 
 # --- BatchNorm re-estimation -----------------------------------------------------------------------
@@ -205,7 +198,7 @@ def test_reestimate_batchnorm_conv_reduces_over_positions():
     np.testing.assert_allclose(bn.moving_variance.numpy(), out.var((0, 1)), rtol=1e-5)
 
 
-def test_evaluate_and_reestimate_under_mirrored_strategy(mirrored):
+def test_reestimate_under_mirrored_strategy(mirrored):
     """Variables created under a 2-replica MirroredStrategy; 65 examples in batches of 32 leave a last
     batch of 1 that cannot be split evenly over the replicas."""
     strategy = mirrored
@@ -218,8 +211,6 @@ def test_evaluate_and_reestimate_under_mirrored_strategy(mirrored):
     (m1, v1), _ = _numpy_dense_bn_stats(model.get_weights(), x)
     np.testing.assert_allclose(model.layers[2].moving_mean.numpy(), m1, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(model.layers[2].moving_variance.numpy(), v1, rtol=1e-5)
-    result = ls.evaluate(model, None, x, y, batch_size=32)
-    np.testing.assert_allclose(result["logits"], model(x, training=False).numpy(), rtol=1e-6, atol=1e-6)
 
 
 def test_path_reestimates_batchnorm_at_every_alpha():
@@ -233,9 +224,9 @@ def test_path_reestimates_batchnorm_at_every_alpha():
     curves = ls.path(model, w_a, w_b, [0.0, 0.5], {"test": (x, y)}, bn="reestimate", bn_x=bn_x)
     model.set_weights(ls.interpolate(w_a, w_b, 0.5))
     ls.reestimate_batchnorm(model, bn_x)
-    assert curves["test_loss"][1] == pytest.approx(ls.evaluate(model, None, x, y)["loss"], rel=1e-12)
+    assert curves["test_loss"][1] == pytest.approx(evaluate(model, None, x, y)["loss"], rel=1e-12)
     interpolated = ls.path(model, w_a, w_b, [0.0], {"test": (x, y)}, bn="interpolate")
-    assert interpolated["test_loss"][0] == pytest.approx(ls.evaluate(model, w_a, x, y)["loss"], rel=1e-12)
+    assert interpolated["test_loss"][0] == pytest.approx(evaluate(model, w_a, x, y)["loss"], rel=1e-12)
     assert interpolated["test_loss"][0] != pytest.approx(curves["test_loss"][0], rel=1e-3)
     with pytest.raises(ValueError, match="needs bn_x"):
         ls.path(model, w_a, w_b, [0.0, 1.0], {"test": (x, y)})
@@ -310,7 +301,7 @@ def test_compare_scalars_match_components():
     assert all(c.shape == (11,) for c in curves.values())
     assert scalars["error_barrier"] == ls.barrier(curves["test_error"])
     assert scalars["train_loss_barrier"] == ls.barrier(curves["train_loss"])
-    la, lb = ls.evaluate(model, w_a, x, y)["logits"], ls.evaluate(model, w_b, x, y)["logits"]
+    la, lb = evaluate(model, w_a, x, y)["logits"], evaluate(model, w_b, x, y)["logits"]
     assert scalars["disagreement"] == ls.disagreement(la, lb)
     assert scalars["relative_weight_distance"] == pytest.approx(scalars["weight_distance"] / 3.0)
-    assert curves["test_error"][0] == ls.evaluate(model, w_a, x, y)["error"]
+    assert curves["test_error"][0] == evaluate(model, w_a, x, y)["error"]

@@ -372,6 +372,22 @@ def test_bad_arguments_are_named():
         ntk.empirical_ntk_fn(model)(np.zeros((2, *shape)), out="kernel.txt")
 
 
+def test_default_block_size_comes_from_the_feature_budget(monkeypatch):
+    """batch_size=None: the largest blocks whose two blocks' Jacobians (O·P float64 numbers per example) fit
+    ntk.FEATURE_BUDGET; with a budget for blocks of 2, 5 examples run as 3 blocks and match J Jᵀ."""
+    model, x1, _, j1, _ = _naive_case("cnn1d")
+    per_example = O * sum(v.numpy().size for v in model.trainable_variables) * 8
+    assert ntk.default_batch_size(model, O, tf.float64) == ntk.FEATURE_BUDGET // (2 * per_example)
+    monkeypatch.setattr(ntk, "FEATURE_BUDGET", 2 * 2 * per_example + per_example // 2)
+    sizes = []
+    blocks = ntk._blocks
+    monkeypatch.setattr(ntk, "_blocks", lambda x, batch_size: sizes.append(batch_size) or blocks(x, batch_size))
+    _close(ntk.empirical_ntk_fn(model, trace_axes=(-1,))(x1), _kernel(j1, j1, True), **TIGHT)
+    assert sizes == [2, 2]
+    monkeypatch.setattr(ntk, "FEATURE_BUDGET", 1)  # smaller than one example: blocks of one
+    assert ntk.default_batch_size(model, O, tf.float64) == 1
+
+
 def test_ntk_cli_measures_every_checkpoint_of_a_run(tmp_path):
     """`kerasntk ntk RUN_DIR` computes the probe-set kernel of every parent checkpoint and writes parent(time,
     metric) kernel metrics and kernel_distance(time, time_b), equal to those of kernels recomputed here."""

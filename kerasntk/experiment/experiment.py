@@ -13,6 +13,7 @@ import tensorflow as tf
 
 from kerasntk import config as cfg
 from kerasntk import data, fs, kernel_learning, landscape, models, ntk, plots, results, rundir, training
+from kerasntk.evaluation import Evaluator
 from kerasntk.experiment import jobs as graph
 from kerasntk.experiment.grid import Grid
 from kerasntk.rundir import RunDir
@@ -52,6 +53,14 @@ class Experiment:
                 self._model = models.get(self.config.model.name, a.input_shape, a.num_classes,
                                          **self.config.model.options)
         return self._model
+
+    @functools.cached_property
+    def evaluator(self):
+        """Errors and losses of the scratch model, computed as the trainer computes its history's (the same batch
+        size, strategy and compilation), so a checkpoint's numbers agree across files."""
+        t = self.config.train
+        return Evaluator(self.model, t.eval_batch_size, strategy=self.strategy,
+                         jit_compile=training.use_xla(t.jit_compile, self.strategy))
 
     def plan(self):
         """What the run will do, without training: data, model, grids and job counts (for --dry-run)."""
@@ -187,8 +196,8 @@ class Experiment:
         for i, step in enumerate(g.checkpoints):
             self._say(f"parent measurements: checkpoint {i + 1}/{len(g.checkpoints)} (step {step})")
             w = self.weights_at(job, step)
-            test = landscape.evaluate(self.model, w, self.arrays.x_test, self.arrays.y_test)
-            train = landscape.evaluate(self.model, w, x_train, y_train)
+            test = self.evaluator(self.arrays.x_test, self.arrays.y_test, weights=w)
+            train = self.evaluator(x_train, y_train, weights=w)
             dist = landscape.weight_distances(w0, w, mask)
             rows.append(dict(test_error=test["error"], test_loss=test["loss"], train_error=train["error"],
                              train_loss=train["loss"], weight_distance_from_init=dist["weight_distance"]))
@@ -252,7 +261,7 @@ class Experiment:
         final = self.grid.total
         parent_final = self.weights_at(self.run.parent, final)
         scalars, _ = self._compare(w, parent_final)
-        test = landscape.evaluate(self.model, w, self.arrays.x_test, self.arrays.y_test)
+        test = self.evaluator(self.arrays.x_test, self.arrays.y_test, weights=w)
         metrics = dict(test_error=test["error"], test_loss=test["loss"])
         metrics.update({f"{k}_to_parent": v for k, v in scalars.items()})
         if self.config.ntk.enabled:
