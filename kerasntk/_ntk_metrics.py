@@ -194,8 +194,10 @@ class KernelTrajectory:
             raise ValueError("the kernel trajectory is empty: add a kernel first")
         S, times = self.distance_matrix(), np.array(self.times)
         velocity = velocity_from(lambda i, j: S[i, j], times, self.dt)
+        with np.errstate(divide="ignore", invalid="ignore"):  # a schedule's lr 0 at the end: inf or NaN
+            per_lr = velocity / np.array(self.learning_rates)
         metrics = dict(kernel_distance_from_init=S[0].copy(), kernel_distance_to_final=S[:, -1].copy(),
-                       kernel_velocity=velocity, kernel_velocity_per_lr=velocity / np.array(self.learning_rates))
+                       kernel_velocity=velocity, kernel_velocity_per_lr=per_lr)
         for name in self._per_kernel[0]:
             metrics[name] = np.array([own[name] for own in self._per_kernel], np.float64)
         return metrics
