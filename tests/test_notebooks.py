@@ -115,6 +115,9 @@ def test_quickstart_runs_the_experiment_and_shows_results(quickstart):
     assert ds.sizes["spawn"] == 2 and ds.sizes["time"] == 7
     assert (run_dir / "figures" / "barrier_vs_spawn_time.png").exists()
     assert len([o for o in outputs(nb, "display_data") if "image/png" in o.data]) >= 5  # figures and plots shown
+    assert ds.parent.sel(metric="hessian_top_eigenvalue").notnull().all()  # every checkpoint: the sharpness section
+    shown = [c for c in nb.cells if c.cell_type == "code" and '"layer_kernel_velocity"' in c.source]
+    assert len([o for o in shown[0].outputs if "image/png" in o.get("data", {})]) == 2
     assert json.loads(ds.attrs["config"])["spawn"]["times"] == [0, 0.25, 0.5]
 
 
