@@ -33,7 +33,7 @@ PAPER_TINY = ["model.options={batchnorm: true, width: 1, depth: 8}", "train.leng
               "train.milestones=[]", "checkpoints.log_num=0", "checkpoints.every=null", "spawn.times=[0, 0.5, 1]",
               "spawn.children=2", "ntk.probe_size=10", "landscape.alphas=3", "landscape.train_examples=64",
               "landscape.bn_examples=64", "linearize.times=[0]", "linearize.length=1ep", "linearize.batch_size=32",
-              "linearize.validation_examples=32"]
+              "linearize.validation_examples=32", "hessian.subset_size=64", "hessian.lanczos_steps=4", "hessian.probes=2"]
 
 
 def parameterize(nb, **values):
