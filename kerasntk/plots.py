@@ -27,7 +27,7 @@ STABLE_BARRIER = 0.02  # Frankle et al. 2020: a spawn is "stable" below this err
 CORRELATED = ("error_barrier", "loss_barrier", "train_error_barrier", "disagreement", "js_divergence",
               "weight_distance", "relative_weight_distance", "kernel_distance", "test_error", "kernel_velocity",
               "kernel_velocity_per_lr", "kernel_distance_from_init", "kernel_distance_to_final", "kernel_alignment",
-              "linearized_test_error")
+              "linearized_test_error", "hessian_top_eigenvalue", "hessian_trace")
 
 
 def report(ds, out_dir):
