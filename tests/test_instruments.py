@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 import xarray as xr
 
-from kerasntk import callbacks, cli, data, hessian, models, ntk, plots, results, training
+from kerasntk import callbacks, cli, data, hessian, models, plots, results, training
 from kerasntk import config as cfg
 from kerasntk.experiment.grid import Grid
 from kerasntk.rundir import RunDir
