@@ -138,32 +138,84 @@ def distance_matrix(kernels):
     return S
 
 
-def trajectory_metrics(kernels, times, y, learning_rates=None, dt=None):
-    """Metrics of a kernel trajectory K_0..K_{T-1} at `times`: (dict name -> array (T,), S (T, T)).
+class KernelTrajectory:
+    """A kernel trajectory built one kernel at a time, and its metric set: the one implementation behind the
+    experiment's `parent(time, metric)` and `NTKMonitor`, so both write the same metrics.
 
-    kernel_velocity as `kernel_velocity(kernels, times, dt)`; kernel_velocity_per_lr divides it by
-    learning_rates[i] (NaN everywhere when learning_rates is None); alignments use labels y.
+    y: probe labels for the alignments (None: no alignment metrics). dt: the velocity's fixed time step
+    (None: to the next kernel). Velocity is one forward difference everywhere, v(t) = S(K_t, K_{t+dt}) / dt,
+    NaN while no kernel at t + dt has been added.
     """
+
+    def __init__(self, y=None, dt=None):
+        self.y, self.dt = (None if y is None else np.asarray(y)), (None if dt is None else float(dt))
+        if self.dt is not None and not self.dt > 0:
+            raise ValueError(f"dt must be a time step > 0 or None (to the next kernel), got {dt!r}")
+        self.kernels, self.times, self.learning_rates, self._per_kernel = [], [], [], []
+        self._gram = np.zeros((0, 0))
+
+    def __len__(self):
+        return len(self.kernels)
+
+    def add(self, time, kernel, learning_rate=float("nan")):
+        """Append the kernel measured at `time` (after every earlier one) with the learning rate used then."""
+        kernel = np.asarray(kernel)
+        if self.kernels and kernel.shape != self.kernels[0].shape:
+            raise ValueError(f"kernels must have one shape, got {kernel.shape} after {self.kernels[0].shape}")
+        if self.times and not float(time) > self.times[-1]:
+            raise ValueError(f"times must be strictly increasing, got {float(time)} after {self.times[-1]}")
+        row = [_inner(k, kernel) for k in self.kernels] + [_inner(kernel, kernel)]
+        if row[-1] == 0:
+            raise ValueError("kernel distances are undefined for an all-zero kernel")
+        gram = np.zeros((len(row), len(row)))
+        gram[:-1, :-1], gram[-1], gram[:, -1] = self._gram, row, row
+        self._gram = gram
+        own = dict(kernel_top_eigenvalue=eigenvalues(kernel, 1)[0], kernel_effective_rank=effective_rank(kernel))
+        if self.y is not None:
+            own.update(kernel_alignment=kernel_alignment(kernel, self.y, centered=True),
+                       kernel_alignment_uncentered=kernel_alignment(kernel, self.y, centered=False))
+        self.kernels.append(kernel)
+        self.times.append(float(time))
+        self.learning_rates.append(float(learning_rate))
+        self._per_kernel.append(own)
+
+    def distance_matrix(self):
+        """S(K_s, K_t) between every two kernels added, (T, T)."""
+        norms = np.sqrt(np.diag(self._gram))
+        S = 1.0 - self._gram / np.outer(norms, norms)
+        np.fill_diagonal(S, 0.0)
+        return S
+
+    def metrics(self):
+        """{name: (T,)}: kernel_distance_from_init, kernel_distance_to_final (to the latest kernel),
+        kernel_velocity, kernel_velocity_per_lr (NaN where the learning rate is), kernel_top_eigenvalue,
+        kernel_effective_rank and, with labels, kernel_alignment (centred) and kernel_alignment_uncentered."""
+        if not self.kernels:
+            raise ValueError("the kernel trajectory is empty: add a kernel first")
+        S, times = self.distance_matrix(), np.array(self.times)
+        velocity = velocity_from(lambda i, j: S[i, j], times, self.dt)
+        with np.errstate(divide="ignore", invalid="ignore"):  # a schedule's lr 0 at the end: inf or NaN
+            per_lr = velocity / np.array(self.learning_rates)
+        metrics = dict(kernel_distance_from_init=S[0].copy(), kernel_distance_to_final=S[:, -1].copy(),
+                       kernel_velocity=velocity, kernel_velocity_per_lr=per_lr)
+        for name in self._per_kernel[0]:
+            metrics[name] = np.array([own[name] for own in self._per_kernel], np.float64)
+        return metrics
+
+
+def trajectory_metrics(kernels, times, y, learning_rates=None, dt=None):
+    """Metrics of a kernel trajectory K_0..K_{T-1} at `times`: (dict name -> array (T,), S (T, T)), those of
+    `KernelTrajectory(y, dt)` with the kernels added in order (learning_rates None: kernel_velocity_per_lr NaN)."""
     times = _check_times(times, len(kernels))
-    S = distance_matrix(kernels)
-    velocity = velocity_from(lambda i, j: S[i, j], times, dt)
     if learning_rates is None:
-        per_lr = np.full(len(kernels), np.nan)
-    else:
-        lrs = np.asarray(learning_rates, dtype=np.float64)
-        if lrs.shape != times.shape:
-            raise ValueError(f"learning_rates must have one entry per kernel ({len(kernels)}), got shape {lrs.shape}")
-        per_lr = velocity / lrs
-    metrics = {
-        "kernel_distance_from_init": S[0].copy(),
-        "kernel_distance_to_final": S[:, -1].copy(),
-        "kernel_velocity": velocity,
-        "kernel_velocity_per_lr": per_lr,
-        "kernel_alignment": np.array([kernel_alignment(K, y, centered=True) for K in kernels]),
-        "kernel_alignment_uncentered": np.array([kernel_alignment(K, y, centered=False) for K in kernels]),
-        "kernel_effective_rank": np.array([effective_rank(K) for K in kernels]),
-    }
-    return metrics, S
+        learning_rates = np.full(len(kernels), np.nan)
+    lrs = np.asarray(learning_rates, dtype=np.float64)
+    if lrs.shape != times.shape:
+        raise ValueError(f"learning_rates must have one entry per kernel ({len(kernels)}), got shape {lrs.shape}")
+    trajectory = KernelTrajectory(y, dt)
+    for t, K, lr in zip(times, kernels, lrs):
+        trajectory.add(t, K, lr)
+    return trajectory.metrics(), trajectory.distance_matrix()
 
 
 def layer_trajectory_metrics(kernels, times, y=None, dt=None):

@@ -28,7 +28,6 @@ import tensorflow as tf  # noqa: E402
 
 from kerasntk import config as cfg  # noqa: E402
 from kerasntk import data, fs, hessian, landscape, ntk, results, rundir, training  # noqa: E402
-from kerasntk._ntk_metrics import distance_matrix, velocity_from  # noqa: E402
 from kerasntk.evaluation import Evaluator  # noqa: E402
 
 LOG_KEYS = ("ntk_velocity", "ntk_distance_from_init", "ntk_alignment", "ntk_effective_rank")
@@ -124,26 +123,29 @@ class NTKMonitor(_Timed):
     x_probe, y_probe: probe inputs and labels (integer (N,) or one-hot (N, C); None: no alignment).
     every: "epoch" (at the start and after every epoch), an int n (every n optimizer steps), or a list
       of times in epochs (fractional allowed) or steps ("100it").
+    velocity_dt: the kernel velocity's time step, in epochs or steps ("3it"), as the experiment's
+      `ntk.velocity_dt`; None: to the next measurement.
     trace_axes, implementation, batch_size: as `kerasntk.ntk.empirical_ntk_fn`.
     test_data: (x, y) with integer labels: at every measurement also `test_error` and `test_loss`, computed by
       `kerasntk.evaluation.Evaluator` in batches of `eval_batch_size` (as the trainer's history and the
-      experiment's `parent`), into the rows and the file (not into `logs`, where Keras puts its own validation).
+      experiment's `parent`), into the file (not into `logs`, where Keras puts its own validation).
     path: NetCDF file (kerasntk schema: `parent(time, metric)`, `kernel_distance(time, time_b)`, and
       with keep_kernels `ntk(time, probe, probe_b[, logit, logit_b])`), written atomically after every
       `write_every` measurements and at the end of training; `flush()` writes it on demand.
     verbose: 1 prints one line per measurement.
 
-    Into `logs` at every epoch end (the latest measurement; NaN before the first): `ntk_velocity`
-    = S(K_prev, K_t) / (t − t_prev) (a backward difference, NaN at the first measurement),
-    `ntk_distance_from_init` = S(K_first, K_t), `ntk_alignment` (centred, NaN without labels),
-    `ntk_effective_rank`. In the file, `kernel_velocity` is the forward difference of the same
-    quantity (docs/methods.md §5), so its value at t_prev equals the logged `ntk_velocity` at t.
-    Kernels are kept in memory (T·N²·8 bytes for the trace kernel) to form S(t, t').
+    The metrics are those of `kerasntk.ntk.KernelTrajectory`, the same names and values as `kerasntk ntk`
+    writes for the same kernels. The velocity is the forward difference v(t) = S(K_t, K_{t+dt}) / dt, known
+    once the kernel at t + dt is measured. Into `logs` at every epoch end (NaN before the first measurement):
+    `ntk_velocity`, the latest v(t) known (with velocity_dt None: S(K_prev, K_now) / (t_now − t_prev), the
+    velocity of the previous measurement), `ntk_distance_from_init` = S(K_first, K_now), `ntk_alignment`
+    (centred, NaN without labels), `ntk_effective_rank`. Kernels are kept in memory (T·N²·8 bytes for the
+    trace kernel) to form S(t, t').
     """
 
-    def __init__(self, x_probe, y_probe=None, *, every="epoch", trace_axes=(-1,), implementation="auto",
-                 batch_size=None, test_data=None, eval_batch_size=1000, path=None, keep_kernels=False, write_every=1,
-                 verbose=0):
+    def __init__(self, x_probe, y_probe=None, *, every="epoch", velocity_dt=None, trace_axes=(-1,),
+                 implementation="auto", batch_size=None, test_data=None, eval_batch_size=1000, path=None,
+                 keep_kernels=False, write_every=1, verbose=0):
         super().__init__(every, "NTKMonitor")
         self.test_data = None if test_data is None else _xy(test_data, "test_data", "NTKMonitor")
         self.eval_batch_size = eval_batch_size
@@ -153,10 +155,23 @@ class NTKMonitor(_Timed):
             raise ValueError(f"NTKMonitor: y_probe has {len(self.y_probe)} entries but x_probe {len(self.x_probe)}")
         if not isinstance(write_every, (int, np.integer)) or write_every < 1:
             raise ValueError(f"NTKMonitor: write_every={write_every!r} must be a positive integer (measurements)")
+        self.velocity_dt = None if velocity_dt is None else cfg.parse_duration(velocity_dt, "NTKMonitor velocity_dt")
+        if self.velocity_dt is not None and self.velocity_dt.value <= 0:
+            raise ValueError(f"NTKMonitor: velocity_dt={velocity_dt!r} must be a time > 0 or None")
         self.trace_axes, self.implementation, self.batch_size = tuple(trace_axes), implementation, batch_size
         self.path, self.keep_kernels, self.write_every, self.verbose = path, keep_kernels, int(write_every), verbose
-        self.kernels, self.steps, self.times, self.rows = [], [], [], []
+        self.steps, self.trajectory, self.tests = [], None, []
         self._ntk_fn, self._evaluator, self._attrs = None, None, None
+
+    @property
+    def kernels(self):
+        """The kernels measured so far."""
+        return self.trajectory.kernels if self.trajectory else []
+
+    @property
+    def times(self):
+        """The times (epochs) of the measurements so far."""
+        return self.trajectory.times if self.trajectory else []
 
     def on_train_begin(self, logs=None):
         if self._ntk_fn is None:
@@ -175,57 +190,44 @@ class NTKMonitor(_Timed):
         self.flush()
 
     def latest(self):
-        """The logged scalars of the latest measurement ({LOG_KEYS: NaN} before the first)."""
-        return {k: self.rows[-1][k] for k in LOG_KEYS} if self.rows else dict.fromkeys(LOG_KEYS, float("nan"))
+        """The logged scalars ({LOG_KEYS: NaN} before the first measurement)."""
+        if not self.trajectory:
+            return dict.fromkeys(LOG_KEYS, float("nan"))
+        metrics = self.trajectory.metrics()
+        known = np.flatnonzero(np.isfinite(metrics["kernel_velocity"]))
+        nan = np.full(len(self.trajectory), np.nan)
+        return dict(ntk_velocity=float(metrics["kernel_velocity"][known[-1]]) if len(known) else float("nan"),
+                    ntk_distance_from_init=float(metrics["kernel_distance_from_init"][-1]),
+                    ntk_alignment=float(metrics.get("kernel_alignment", nan)[-1]),
+                    ntk_effective_rank=float(metrics["kernel_effective_rank"][-1]))
 
     def _act(self, step, logs):
         start = _time.perf_counter()
+        if self.trajectory is None:
+            dt = None if self.velocity_dt is None else self.epochs(self.velocity_dt.steps(self.steps_per_epoch))
+            self.trajectory = ntk.KernelTrajectory(self.y_probe, dt)
         K = np.asarray(self._ntk_fn(self.x_probe), np.float64)
-        t = self.epochs(step)
-        row = self._measure(K, t)
-        self.kernels.append(K)
+        lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+        self.trajectory.add(self.epochs(step), K, lr)
         self.steps.append(step)
-        self.times.append(t)
-        self.rows.append(row)
-        if self.verbose:
-            print(f"NTKMonitor: epoch {t:g} (step {step}): " + ", ".join(f"{k} {v:.4g}" for k, v in row.items())
-                  + f" ({_time.perf_counter() - start:.2f} s)", flush=True)
-        if len(self.rows) % self.write_every == 0:
-            self.flush()
-
-    def _measure(self, K, t):
-        """The logged metrics of kernel K at time t, given the kernels measured before it."""
-        row = dict(ntk_velocity=float("nan"), ntk_distance_from_init=0.0, ntk_alignment=float("nan"),
-                   ntk_effective_rank=ntk.effective_rank(K),
-                   learning_rate=float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)))
-        if self.kernels:
-            row["ntk_velocity"] = ntk.kernel_distance(self.kernels[-1], K) / (t - self.times[-1])
-            row["ntk_distance_from_init"] = ntk.kernel_distance(self.kernels[0], K)
-        if self.y_probe is not None:
-            row["ntk_alignment"] = ntk.kernel_alignment(K, self.y_probe, centered=True)
-            row["ntk_alignment_uncentered"] = ntk.kernel_alignment(K, self.y_probe, centered=False)
         if self.test_data is not None:
-            test = self._evaluator(*self.test_data)
-            row.update(test_error=test["error"], test_loss=test["loss"])
-        return row
+            self.tests.append(self._evaluator(*self.test_data))
+        if self.verbose:
+            print(f"NTKMonitor: epoch {self.times[-1]:g} (step {step}): "
+                  + ", ".join(f"{k} {v:.4g}" for k, v in self.latest().items())
+                  + f" ({_time.perf_counter() - start:.2f} s)", flush=True)
+        if len(self.steps) % self.write_every == 0:
+            self.flush()
 
     def dataset(self):
         """The measurements so far as an xarray.Dataset in the kerasntk results schema."""
-        if not self.rows:
+        if not self.trajectory:
             raise ValueError("NTKMonitor has no measurement yet")
-        S = distance_matrix(self.kernels)
-        times, lrs = np.array(self.times), np.array([r["learning_rate"] for r in self.rows])
-        velocity = velocity_from(lambda i, j: S[i, j], times, None)  # to the next measurement
-        metrics = dict(kernel_velocity=velocity, kernel_velocity_per_lr=velocity / lrs,
-                       kernel_distance_from_init=S[0], kernel_distance_to_final=S[:, -1],
-                       kernel_effective_rank=np.array([r["ntk_effective_rank"] for r in self.rows]),
-                       learning_rate=lrs)
-        if self.y_probe is not None:
-            metrics["kernel_alignment"] = np.array([r["ntk_alignment"] for r in self.rows])
-            metrics["kernel_alignment_uncentered"] = np.array([r["ntk_alignment_uncentered"] for r in self.rows])
-        if self.test_data is not None:
-            metrics.update({k: np.array([r[k] for r in self.rows]) for k in ("test_error", "test_loss")})
-        ds = results.parent_dataset(self.steps, times, metrics, kernel_distance=S, attrs=self._attrs)
+        metrics = dict(self.trajectory.metrics(), learning_rate=np.array(self.trajectory.learning_rates))
+        if self.tests:
+            metrics.update({f"test_{k}": np.array([t[k] for t in self.tests]) for k in ("error", "loss")})
+        ds = results.parent_dataset(self.steps, np.array(self.times), metrics,
+                                    kernel_distance=self.trajectory.distance_matrix(), attrs=self._attrs)
         if self.keep_kernels:
             dims = ("time", "probe", "probe_b") + (() if self.kernels[0].ndim == 2 else ("logit", "logit_b"))
             ds["ntk"] = (dims, np.stack(self.kernels))
@@ -234,12 +236,13 @@ class NTKMonitor(_Timed):
 
     def flush(self):
         """Write the measurements so far to `path` atomically (no-op without a path or a measurement)."""
-        if self.path and self.rows:
+        if self.path and self.trajectory:
             results.write_atomic(self.dataset(), self.path)
 
     def _settings(self):
         every = self._every if not isinstance(self._every, list) else [str(d) for d in self._every]
         return dict(callback="NTKMonitor", every=every, trace_axes=list(self.trace_axes),
+                    velocity_dt=None if self.velocity_dt is None else str(self.velocity_dt),
                     implementation=self._ntk_fn.implementation, batch_size=self.batch_size,
                     probe_size=len(self.x_probe), model=self.model.name)
 

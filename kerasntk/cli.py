@@ -52,6 +52,9 @@ def build_parser():
     _config_args(p)
     p.add_argument("--executor", choices=("local", "ray"), default="local",
                    help="local: the jobs one after another in this process; ray: as Ray tasks, in parallel")
+    p.add_argument("--seeds", help="replicates: run the experiment once per parent seed (train.seed, data_seed and "
+                                   "augment_seed set to it), e.g. 0,1,2; each in OUT/seed<s> (or runs/<name>), one "
+                                   "after another, then the figures of all of them in OUT/figures")
     p.add_argument("--address", help="Ray cluster for --executor ray: HOST:PORT, or 'auto' for the one started "
                                      "on this host by `ray start` (default: RAY_ADDRESS, else a new local cluster)")
     _config_args(verb("train", help="train the parent only, saving the checkpoint grid"))
@@ -77,9 +80,10 @@ def build_parser():
     _machine_args(p)
     p = verb("merge", help="merge a run directory's result files into RUN_DIR/results.nc")
     p.add_argument("run_dir")
-    p = verb("report", help="draw the figures of a results file (PNG and PDF)")
-    p.add_argument("results", help="a merged results .nc file or a run directory")
-    p.add_argument("--out", help="figure directory (default: RUN_DIR/figures, or beside the results file)")
+    p = verb("report", help="draw the figures of a results file, or of several runs as mean and spread (PNG and PDF)")
+    p.add_argument("results", nargs="+", help="a merged results .nc file or a run directory; several: replicates")
+    p.add_argument("--out", help="figure directory (default: RUN_DIR/figures, or beside the results file; required "
+                                 "for several runs)")
     p = verb("export", help="write the parent at a checkpoint, or a child's final model, as a Keras file")
     p.add_argument("run_dir")
     _machine_args(p)
@@ -128,6 +132,8 @@ def _dispatch(args, verbose):
 
     if args.command in ("run", "train"):
         config = cfg.load(args.config, args.overrides)
+        if getattr(args, "seeds", None):
+            return _run_replicates(config, cfg.parse_seeds(args.seeds), args, verbose)
         run_dir = args.out or os.path.join("runs", config.run_name())
         if args.dry_run:
             for key, value in _experiment(config, run_dir, verbose).plan().items():
@@ -185,10 +191,15 @@ def _dispatch(args, verbose):
         print(f"merged: {run.merged}")
         return 0
     if args.command == "report":
-        source = args.results
-        is_run = rundir.is_run_dir(source)
-        ds = results.open_run(source)
-        out = args.out or (rundir.RunDir(source).figures if is_run else os.path.dirname(os.path.abspath(source)))
+        if len(args.results) > 1:
+            if not args.out:
+                raise cfg.ConfigError(f"report of {len(args.results)} runs needs --out DIR for the figures")
+            ds, out = results.open_runs(args.results), args.out
+        else:
+            source = args.results[0]
+            ds = results.open_run(source)
+            out = args.out or (rundir.RunDir(source).figures if rundir.is_run_dir(source)
+                               else os.path.dirname(os.path.abspath(source)))
         print(f"{len(plots.report(ds, out))} figures in {out}")
         return 0
     if args.command == "export":
@@ -197,6 +208,33 @@ def _dispatch(args, verbose):
         print(f"model written: {models_from_runs.export_model(args.run_dir, args.time, args.out, args.child, args.overrides)}")
         return 0
     raise AssertionError(args.command)
+
+
+def _run_replicates(config, seeds, args, verbose):
+    """`kerasntk run --seeds`: one run directory per parent seed, run one after another (with --executor ray each
+    run's jobs go to the cluster together, the runs in turn); with --out, the figures of all of them in
+    OUT/figures."""
+    from kerasntk import experiment, plots, results
+
+    replicas = experiment.replicate_dirs(config, seeds, args.out)
+    for seed, (seeded, run_dir) in replicas.items():
+        if args.dry_run:
+            print(f"seed {seed}: {run_dir}")
+            continue
+        experiment.run(seeded, run_dir, verbose=verbose, executor=args.executor, address=args.address)
+        print(f"seed {seed}: results in {run_dir}")
+    if args.dry_run:
+        return 0
+    dirs = [run_dir for _, run_dir in replicas.values()]
+    if args.out and len(dirs) > 1:
+        from kerasntk import fs
+
+        out = fs.join(args.out, "figures")
+        print(f"{len(plots.report(results.open_runs(dirs, names=[f'seed{s}' for s in replicas]), out))} figures of "
+              f"{len(dirs)} runs in {out}")
+    else:
+        print(f"figures of all runs: kerasntk report {' '.join(dirs)} --out DIR")
+    return 0
 
 
 def _strategy(config):

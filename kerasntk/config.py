@@ -131,6 +131,21 @@ class NTKConfig:
     # kernel velocity S(K_t, K_t+dt) / dt: the grid gets a checkpoint at t + dt for every time t on it
     # (docs/methods.md §5; the paper's dt is 0.4 epoch); null: to the next checkpoint, whatever its distance
     velocity_dt: str | float | None = "0.4ep"
+    # the kernel decomposed over layers with trainable variables too (per-layer distance, velocity, alignment)
+    per_layer: bool = True
+
+
+@dataclass
+class HessianConfig:
+    """Curvature of the training loss (kerasntk.hessian) at every parent checkpoint and each child's end point:
+    top eigenvalue by Lanczos, trace by Hutchinson, on a class-balanced subset of the training set."""
+
+    enabled: bool = True
+    subset_size: int = 512  # training examples the loss is measured on (data.probe_subset with `seed`)
+    batch_size: int = 512  # examples per block of the Hessian-vector product
+    lanczos_steps: int = 20  # Lanczos steps (Hessian-vector products) for the top eigenvalue
+    probes: int = 10  # Hutchinson probes (Hessian-vector products) for the trace
+    seed: int = 0  # of the subset, the Lanczos start and the probes
 
 
 @dataclass
@@ -172,6 +187,7 @@ class Config:
     checkpoints: CheckpointConfig = field(default_factory=CheckpointConfig)
     spawn: SpawnConfig = field(default_factory=SpawnConfig)
     ntk: NTKConfig = field(default_factory=NTKConfig)
+    hessian: HessianConfig = field(default_factory=HessianConfig)
     landscape: LandscapeConfig = field(default_factory=LandscapeConfig)
     linearize: LinearizeConfig = field(default_factory=LinearizeConfig)
     distribute: DistributeConfig = field(default_factory=DistributeConfig)
@@ -308,10 +324,12 @@ def validate(config):
     kinds = {  # field -> (is the value allowed, what is allowed)
         **dict.fromkeys(("train.milestones", "checkpoints.times", "spawn.times", "linearize.times"),
                         (lambda v: isinstance(v, (list, tuple)), "a list of times, e.g. [0, 0.5, 2]")),
-        **dict.fromkeys(("data.seed", "train.seed", "train.data_seed", "train.augment_seed", "ntk.probe_seed"),
-                        (lambda v: _is_int(v) and v >= 0, "an integer >= 0")),
-        **dict.fromkeys(("train.deterministic", "ntk.enabled", "spawn.reset_momentum"),
-                        (lambda v: isinstance(v, bool), "true or false")),
+        **dict.fromkeys(("data.seed", "train.seed", "train.data_seed", "train.augment_seed", "ntk.probe_seed",
+                         "hessian.seed"), (lambda v: _is_int(v) and v >= 0, "an integer >= 0")),
+        **dict.fromkeys(("train.deterministic", "ntk.enabled", "ntk.per_layer", "spawn.reset_momentum",
+                         "hessian.enabled"), (lambda v: isinstance(v, bool), "true or false")),
+        **dict.fromkeys(("hessian.subset_size", "hessian.batch_size", "hessian.lanczos_steps", "hessian.probes"),
+                        (lambda v: _is_int(v) and v > 0, "an integer > 0")),
     }
     for name, (ok, allowed) in kinds.items():
         _check(ok(_field(config, name)), name, _field(config, name), allowed)
@@ -346,6 +364,8 @@ def validate(config):
     _check(n.implementation in ntk.IMPLEMENTATIONS, "ntk.implementation", n.implementation, ", ".join(ntk.IMPLEMENTATIONS))
     _check(_is_int(n.probe_size) and n.probe_size > 1, "ntk.probe_size", n.probe_size, "an integer > 1")
     _check(_is_int(n.batch_size) and n.batch_size > 0, "ntk.batch_size", n.batch_size, "an integer > 0")
+    _check(not (n.enabled and n.per_layer and n.implementation == "ntk_vp"), "ntk.per_layer", n.per_layer,
+           "false when ntk.implementation is 'ntk_vp' (it forms no per-layer terms)")
     if n.velocity_dt is not None:
         _check(parse_duration(n.velocity_dt, "ntk.velocity_dt").value > 0, "ntk.velocity_dt", n.velocity_dt,
                "a duration > 0 or null")
@@ -377,8 +397,26 @@ def validate(config):
         _check(_is_int(value) and value >= 0, f"distribute.{name}", value, "an integer >= 0")
 
 
-def validate_against(config, steps_per_epoch, num_replicas):
-    """Checks that need the data and the strategy: times within training, batch divisible by replicas."""
+def with_parent_seed(config, seed):
+    """`config` with the parent's seeds (weight initialization, data order, augmentation) all set to `seed`:
+    one replicate of the experiment; the probe set and the Hessian subset stay as they are."""
+    _check(_is_int(seed) and seed >= 0, "seed", seed, "an integer >= 0")
+    train = dataclasses.replace(config.train, seed=seed, data_seed=seed, augment_seed=seed)
+    return dataclasses.replace(config, train=train)
+
+
+def parse_seeds(text):
+    """"0,1,2" -> [0, 1, 2] (distinct integers >= 0), for `kerasntk run --seeds`."""
+    items = [item.strip() for item in str(text).split(",")]
+    if not all(item.isdigit() for item in items) or len(set(map(int, items))) != len(items):
+        raise ConfigError(f"--seeds: {text!r} is not allowed; allowed: distinct integers >= 0 separated by commas, "
+                          "e.g. 0,1,2")
+    return [int(item) for item in items]
+
+
+def validate_against(config, steps_per_epoch, num_replicas, train_examples=None):
+    """Checks that need the data and the strategy: times within training, batch divisible by replicas, the
+    Hessian subset within the training set (when `train_examples` is given)."""
     t = config.train
     _check(
         t.batch_size % num_replicas == 0,
@@ -387,6 +425,9 @@ def validate_against(config, steps_per_epoch, num_replicas):
         f"a multiple of the {num_replicas} replicas of the distribution strategy",
     )
     _check(steps_per_epoch > 0, "train.batch_size", t.batch_size, f"at most the training set size")
+    if train_examples is not None and config.hessian.enabled:
+        _check(config.hessian.subset_size <= train_examples, "hessian.subset_size", config.hessian.subset_size,
+               f"at most the {train_examples} training examples")
     total = parse_duration(t.length).steps(steps_per_epoch)
     named = [(f"checkpoints.times[{i}]", v) for i, v in enumerate(config.checkpoints.times)]
     named += [(f"spawn.times[{i}]", v) for i, v in enumerate(config.spawn.times)]

@@ -37,6 +37,7 @@ import tensorflow as tf  # noqa: E402
 
 from kerasntk._ntk_features import Features, functional_graph, trainable_layers  # noqa: E402
 from kerasntk._ntk_metrics import (  # noqa: E402,F401  (re-exported public API)
+    KernelTrajectory,
     effective_rank,
     eigenvalues,
     kernel_alignment,

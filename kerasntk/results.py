@@ -56,6 +56,7 @@ METRICS = {
     "hessian_top_eigenvalue": ("largest eigenvalue of the training loss's Hessian (sharpness)", "1"),
     "hessian_trace": ("trace of the training loss's Hessian (Hutchinson estimate)", "1"),
     "hessian_trace_stderr": ("standard error of the Hutchinson estimate of the Hessian trace", "1"),
+    "hessian_top_eigenvalue_end": ("largest eigenvalue of the training loss's Hessian at the end of training", "1"),
     "weight_distance_from_init": ("L2 distance of the trainable weights from initialization", "1"),
     "relative_weight_distance_from_init": ("weight distance from init over the parent's |w_T - w_0|", "1"),
     "linearized_test_error": ("test error of the network linearized at time t, trained on the train set", "1"),
@@ -80,10 +81,11 @@ METRICS = {
 }
 
 # variables stacking metrics along `metric` (their units are the metrics' own, when they share one)
-_STACKED = ("parent", "child", "pair", "path")
+_STACKED = ("parent", "parent_layer", "child", "pair", "path")
 
 _VARIABLES = {
     "parent": "metrics of the parent network at time t",
+    "parent_layer": "metrics of the parent's per-layer NTK at time t: each layer's kernel alone",
     "child": "end-of-training metrics of child `spawn` spawned from the parent at time t",
     "pair": "metrics between children spawn_a and spawn_b spawned at time t",
     "path": "metrics along the linear path from child spawn_a (alpha=0) to child spawn_b (alpha=1)",
@@ -104,6 +106,7 @@ _COORDS = {
     "spawn_a": ("first child of the pair (alpha = 0)", "1"),
     "spawn_b": ("second child of the pair (alpha = 1)", "1"),
     "alpha": ("interpolation coefficient: w = (1 - alpha) w_a + alpha w_b", "1"),
+    "layer": ("layer with trainable variables whose NTK term the values are (Θ = Σ_layer Θ_layer)", None),
     "metric": ("metric name", None),
     "metric_b": ("second metric name", None),
     "metric_long_name": ("description of the metric", None),
@@ -131,19 +134,29 @@ _SUMMARY_SOURCES = (("pair", "child_pair"), ("child", "spawn"), ("parent", None)
 # --- building job datasets ---------------------------------------------------------------------------
 
 
-def parent_dataset(steps, times, metrics, kernel_distance=None, attrs=None, requested_times=None):
+def parent_dataset(steps, times, metrics, kernel_distance=None, attrs=None, requested_times=None, layer_metrics=None,
+                   layers=None):
     """The parent's trajectory: `parent(time, metric)` from {name: array (T,)}, and optionally the
-    S(t, t') matrix `kernel_distance(time, time_b)` (T, T). `requested_times`: the times (epochs) asked for,
-    of which `times` are the rounding to steps (default: `times`)."""
+    S(t, t') matrix `kernel_distance(time, time_b)` (T, T) and the per-layer kernel metrics
+    `parent_layer(time, layer, metric)` from {name: array (T, L)} with `layers` the L layer names.
+    `requested_times`: the times (epochs) asked for, of which `times` are the rounding to steps (default: `times`)."""
     times, steps = _time_axis(times, steps)
     requested = times if requested_times is None else _array(requested_times, times.shape, "requested_times")
-    names = _metric_names(metrics)
-    data = np.stack([_array(metrics[name], (len(times),), name) for name in names], axis=-1)
+    layer_metrics = layer_metrics or {}
+    names = _metric_names({**metrics, **layer_metrics})
+    data = np.stack([_array(metrics[n], (len(times),), n) if n in metrics else np.full(len(times), np.nan)
+                     for n in names], axis=-1)
     ds = xr.Dataset({"parent": (("time", "metric"), data)}, coords=_metric_coords(names))
     ds = ds.assign_coords(time=times, step=("time", steps), requested_time=("time", requested))
     if kernel_distance is not None:
         ds["kernel_distance"] = (("time", "time_b"), _array(kernel_distance, (len(times),) * 2, "kernel_distance"))
         ds = ds.assign_coords(time_b=times)
+    if layer_metrics:
+        shape = (len(times), len(layers))
+        ds["parent_layer"] = (("time", "layer", "metric"), np.stack(
+            [_array(layer_metrics[n], shape, n) if n in layer_metrics else np.full(shape, np.nan) for n in names],
+            axis=-1))
+        ds = ds.assign_coords(layer=np.array([str(name) for name in layers], dtype=object))
     return _finish(ds, attrs)
 
 

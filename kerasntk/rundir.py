@@ -14,6 +14,7 @@
     JOB/resume/step_XXXXXXXX/{ckpt.*,meta.json}       the latest in-run checkpoint (older ones are removed)
     JOB/history.json                                  per-epoch losses and errors
     JOB/kernels/step_XXXXXXXX.npy                     the probe-set NTK at a checkpoint (a cache)
+    JOB/kernels/step_XXXXXXXX_layers.npy              its per-layer terms (L, N, N), Θ = Σ_l Θ_l (a cache)
 
 A checkpoint directory is complete once its `meta.json` exists: it is written with `fs.atomic_dir`, whose
 marker is that file. `RUN` may be a local path or a `gs://` URL.
@@ -119,6 +120,10 @@ class JobDir:
 
     def kernel_path(self, step):
         return fs.join(self.path, "kernels", f"step_{int(step):08d}.npy")
+
+    def layer_kernel_path(self, step):
+        """The per-layer kernel (L, N, N) at `step`; its layer names are the model's (ntk fn.layer_names)."""
+        return fs.join(self.path, "kernels", f"step_{int(step):08d}_layers.npy")
 
     def _checkpoint(self, step, kind="checkpoints"):
         return fs.join(self.path, kind, f"step_{int(step):08d}")

@@ -11,7 +11,8 @@ from kerasntk import data
 TINY = ["data.name=npz", "train.length=2ep", "train.batch_size=32", "train.steps_per_execution=4",
         "checkpoints.log_num=0", "checkpoints.every=1ep", "spawn.times=[0, 0.5, 1]", "spawn.children=2",
         "ntk.probe_size=20", "landscape.alphas=5", "landscape.train_examples=64", "landscape.bn_examples=64",
-        "linearize.times=[0, 1]", "linearize.length=1ep", "linearize.validation_examples=32"]
+        "linearize.times=[0, 1]", "linearize.length=1ep", "linearize.validation_examples=32",
+        "hessian.subset_size=64", "hessian.batch_size=64", "hessian.lanczos_steps=8", "hessian.probes=4"]
 
 
 def synthetic_arrays(n_train=256, n_test=100, shape=(40, 1), classes=10, seed=0):

@@ -72,6 +72,14 @@ def test_duration_steps():
     (["ntk.enabled=maybe"], "ntk.enabled", "true or false"),
     (["data.augment=flip"], "data.augment", "'pad_crop_flip'"),
     (["ntk.velocity_dt=0"], "ntk.velocity_dt", "a duration > 0 or null"),
+    (["ntk.per_layer=sometimes"], "ntk.per_layer", "true or false"),
+    (["ntk.implementation=ntk_vp"], "ntk.per_layer", "false when ntk.implementation is 'ntk_vp'"),
+    (["hessian.enabled=1"], "hessian.enabled", "true or false"),
+    (["hessian.subset_size=0"], "hessian.subset_size", "an integer > 0"),
+    (["hessian.lanczos_steps=2.5"], "hessian.lanczos_steps", "an integer > 0"),
+    (["hessian.probes=-1"], "hessian.probes", "an integer > 0"),
+    (["hessian.seed=-2"], "hessian.seed", "an integer >= 0"),
+    (["hessian.size=3"], "hessian.size", "allowed: enabled, subset_size"),
 ])
 def test_errors_name_field_value_and_what_is_allowed(overrides, field, allowed):
     with pytest.raises(cfg.ConfigError) as err:
@@ -87,6 +95,20 @@ def test_errors_that_need_the_data_and_the_strategy():
     with pytest.raises(cfg.ConfigError, match="train.batch_size.*multiple of the 2 replicas"):
         cfg.validate_against(c, steps_per_epoch=62, num_replicas=2)
     assert cfg.validate_against(cfg.load(), steps_per_epoch=62, num_replicas=2) == 30 * 62
+    with pytest.raises(cfg.ConfigError, match="hessian.subset_size: 512 .*at most the 300 training examples"):
+        cfg.validate_against(cfg.load(), steps_per_epoch=4, num_replicas=1, train_examples=300)
+
+
+def test_replicates_differ_in_the_parent_seeds_only():
+    base = cfg.load()
+    seeded = cfg.with_parent_seed(base, 3)
+    assert (seeded.train.seed, seeded.train.data_seed, seeded.train.augment_seed) == (3, 3, 3)
+    assert seeded.ntk == base.ntk and seeded.hessian == base.hessian and seeded.data == base.data
+    assert seeded.run_name() != base.run_name() and cfg.with_parent_seed(base, 0).run_name() == base.run_name()
+    assert cfg.parse_seeds("0, 1,2") == [0, 1, 2]
+    for bad in ("0,0", "1,-1", "a", ""):
+        with pytest.raises(cfg.ConfigError, match="--seeds: .* distinct integers >= 0"):
+            cfg.parse_seeds(bad)
 
 
 def test_bad_override_syntax_and_missing_file(tmp_path):

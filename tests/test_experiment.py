@@ -39,7 +39,7 @@ def test_run_writes_the_schema_and_the_metric_contract(clean_run, npz):
     barrier = ds.pair.sel(metric="error_barrier", time=spawn_times)
     assert barrier.notnull().all()
     assert ds.path.sel(metric="test_error").dropna("time", how="all").sizes["alpha"] == 5
-    k0, kt = (np.load(p) for p in sorted((run_dir / "parent" / "kernels").glob("step_*.npy"))[::len(ds.time) - 1])
+    k0, kt = (np.load(p) for p in sorted((run_dir / "parent" / "kernels").glob("step_????????.npy"))[::len(ds.time) - 1])
     naive = 1 - np.sum(k0 * kt) / np.sqrt(np.sum(k0 * k0) * np.sum(kt * kt))  # S(K_0, K_T) from the cached kernels
     assert ds.kernel_distance.values[0, -1] == pytest.approx(naive, rel=1e-9) and naive > 1e-4
     linearized = ds.parent.sel(metric="linearized_test_error")
@@ -104,7 +104,8 @@ def test_paper_config_dry_run_on_mock_cifar10(tmp_path, capsys):
     from kerasntk import cli
 
     write_tfds_metadata(tmp_path, "cifar10", n_train=256, n_test=64)
-    config = cfg.load("configs/cifar10_resnet20.yaml", [f"data.data_dir={tmp_path}", "ntk.probe_size=100"])
+    small = ["ntk.probe_size=100", "hessian.subset_size=200"]  # within the 256 mock training images
+    config = cfg.load("configs/cifar10_resnet20.yaml", [f"data.data_dir={tmp_path}", *small])
     with tfds.testing.mock_data(num_examples=256, policy=tfds.testing.MockPolicy.USE_FILES, data_dir=str(tmp_path)):
         ex = experiment.Experiment(config, str(tmp_path / "run"), verbose=0)
     plan = ex.plan()
@@ -115,7 +116,7 @@ def test_paper_config_dry_run_on_mock_cifar10(tmp_path, capsys):
     assert plan["batchnorm"] == "the batch of 128 (one replica)"
     with tfds.testing.mock_data(num_examples=256, policy=tfds.testing.MockPolicy.USE_FILES, data_dir=str(tmp_path)):
         assert cli.main(["run", "configs/cifar10_resnet20.yaml", "--set", f"data.data_dir={tmp_path}",
-                         "--set", "ntk.probe_size=100", "--out", str(tmp_path / "cli_run"), "--dry-run"]) == 0
+                         "--set", small[0], "--set", small[1], "--out", str(tmp_path / "cli_run"), "--dry-run"]) == 0
     assert "child_jobs" in capsys.readouterr().out
     assert not os.path.exists(tmp_path / "cli_run")  # a dry run writes nothing
 

@@ -31,7 +31,7 @@ PAPER_TINY = ["model.options={batchnorm: true, width: 1, depth: 8}", "train.leng
               "train.milestones=[]", "checkpoints.log_num=0", "checkpoints.every=null", "spawn.times=[0, 0.5, 1]",
               "spawn.children=2", "ntk.probe_size=10", "landscape.alphas=3", "landscape.train_examples=64",
               "landscape.bn_examples=64", "linearize.times=[0]", "linearize.length=1ep", "linearize.batch_size=32",
-              "linearize.validation_examples=32"]
+              "linearize.validation_examples=32", "hessian.subset_size=64", "hessian.lanczos_steps=4", "hessian.probes=2"]
 
 
 def execute(name, workdir, env=None, **parameters):
@@ -115,6 +115,9 @@ def test_quickstart_runs_the_experiment_and_shows_results(quickstart):
     assert ds.sizes["spawn"] == 2 and ds.sizes["time"] == 7
     assert (run_dir / "figures" / "barrier_vs_spawn_time.png").exists()
     assert len([o for o in outputs(nb, "display_data") if "image/png" in o.data]) >= 5  # figures and plots shown
+    assert ds.parent.sel(metric="hessian_top_eigenvalue").notnull().all()  # every checkpoint: the sharpness section
+    shown = [c for c in nb.cells if c.cell_type == "code" and '"layer_kernel_velocity"' in c.source]
+    assert len([o for o in shown[0].outputs if "image/png" in o.get("data", {})]) == 2
     assert json.loads(ds.attrs["config"])["spawn"]["times"] == [0, 0.25, 0.5]
 
 

@@ -527,6 +527,32 @@ def test_velocity_and_trajectory_metrics():
     assert np.all(np.isnan(ntk.trajectory_metrics(kernels, times, y)[0]["kernel_velocity_per_lr"]))
 
 
+def test_kernel_trajectory_added_one_at_a_time_equals_the_whole_trajectory():
+    """The accumulator's metrics after each add equal the batch definitions on the kernels so far."""
+    kernels = [_psd(4, seed=s) for s in range(5)]
+    times, lrs, y = np.array([0.0, 0.4, 1.0, 1.4, 1.8]), np.array([0.1, 0.1, 0.05, 0.05, 0.0]), np.array([0, 1, 0, 1])
+    trajectory = ntk.KernelTrajectory(y, dt=0.4)
+    for n in range(1, 6):
+        trajectory.add(times[n - 1], kernels[n - 1], lrs[n - 1])
+        metrics = trajectory.metrics()
+        S = np.array([[ntk.kernel_distance(a, b) if a is not b else 0.0 for b in kernels[:n]] for a in kernels[:n]])
+        np.testing.assert_allclose(trajectory.distance_matrix(), S, rtol=1e-12, atol=1e-15)
+        np.testing.assert_array_equal(metrics["kernel_velocity"], ntk.kernel_velocity(kernels[:n], times[:n], dt=0.4))
+        np.testing.assert_allclose(metrics["kernel_distance_to_final"], S[:, -1], rtol=1e-12, atol=1e-15)
+        assert metrics["kernel_top_eigenvalue"][-1] == ntk.eigenvalues(kernels[n - 1], 1)[0]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        np.testing.assert_array_equal(metrics["kernel_velocity_per_lr"], metrics["kernel_velocity"] / lrs)
+    with pytest.raises(ValueError, match="strictly increasing"):
+        trajectory.add(1.8, kernels[0])
+    with pytest.raises(ValueError, match="one shape"):
+        trajectory.add(2.0, _psd(5))
+    with pytest.raises(ValueError, match="empty"):
+        ntk.KernelTrajectory().metrics()
+    unlabelled = ntk.KernelTrajectory()
+    unlabelled.add(0.0, kernels[0])
+    assert "kernel_alignment" not in unlabelled.metrics() and np.isnan(unlabelled.metrics()["kernel_velocity_per_lr"][0])
+
+
 def test_layer_trajectory_metrics_are_each_layers_own():
     """Per-layer distance from init, velocity and alignment equal the whole-kernel metrics of each layer's kernels."""
     kernels = [np.stack([_psd(4, seed=10 * t + layer) for layer in range(3)]) for t in range(4)]

@@ -14,7 +14,8 @@ SPAWN = [0, 2, 4, 5, 6, 7, 8, 9]  # indices of the spawn times
 PAIRS = [(0, 1), (0, 2), (1, 2)]
 ALPHAS = np.linspace(0, 1, 11)
 FIGURES = ("barrier_vs_spawn_time", "interpolation_curves", "kernel_dynamics", "kernel_distance_matrix",
-           "correlation_matrix", "child_error_vs_spawn_time", "linearized_error")
+           "correlation_matrix", "child_error_vs_spawn_time", "linearized_error", "sharpness", "layer_kernel_velocity")
+LAYERS = ["conv0", "conv1", "logits"]
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +32,12 @@ def synthetic_run(tmp_path):
     cos = kernels @ kernels.T / np.outer(np.linalg.norm(kernels, axis=1), np.linalg.norm(kernels, axis=1))
     parent = dict(test_error=0.2 + 0.7 * decay, kernel_velocity=0.05 + 2 * decay,
                   kernel_distance_from_init=1 - cos[0], kernel_distance_to_final=1 - cos[-1],
-                  linearized_test_error=0.25 + 0.5 * decay)
-    jobs = [rs.parent_dataset(steps, TIMES, parent, kernel_distance=1 - cos)]
+                  linearized_test_error=0.25 + 0.5 * decay, learning_rate=0.05 * (1 + np.cos(np.pi * TIMES / 30)),
+                  hessian_top_eigenvalue=40 * (1 - decay) + 1, hessian_trace=400 * (1 - decay) + 10,
+                  hessian_trace_stderr=np.full(len(TIMES), 5.0))
+    layer = dict(kernel_velocity=np.outer(0.05 + 2 * decay, [3.0, 2.0, 1.0]),
+                 kernel_distance_from_init=np.outer(1 - cos[0], [0.5, 1.0, 1.5]))
+    jobs = [rs.parent_dataset(steps, TIMES, parent, kernel_distance=1 - cos, layer_metrics=layer, layers=LAYERS)]
     for i in SPAWN:
         barrier = 0.5 * decay[i] + 0.02 * rng.random(3)
         hump = 4 * ALPHAS * (1 - ALPHAS)
@@ -72,6 +77,40 @@ def test_figures_are_labelled(run):
     barrier_axes = plots.barrier_vs_spawn_time(ds).axes[0]
     assert barrier_axes.get_xscale() == "symlog"  # spawn time 0 stays on the log-like axis
     assert {t.get_text() for t in barrier_axes.get_legend().get_texts()} >= {"test set", "train set"}
+
+
+def test_sharpness_and_layer_velocity_figures_draw_the_values(run):
+    ax = plots.sharpness(run).axes[0]
+    sharp, limit = ax.get_lines()[:2]
+    np.testing.assert_allclose(sharp.get_ydata(), run.parent.sel(metric="hessian_top_eigenvalue"))
+    lr = run.parent.sel(metric="learning_rate").values
+    np.testing.assert_allclose(limit.get_ydata(), 2 / lr[lr > 0])  # the decayed end (lr 0) has no limit
+    assert limit.get_label() == "2 / learning rate" and ax.get_yscale() == "log"
+    heat = plots.layer_kernel_velocity(run).axes[0]
+    image = heat.get_images()[0].get_array()
+    np.testing.assert_allclose(image, run.parent_layer.sel(metric="kernel_velocity").transpose("layer", "time"))
+    assert [t.get_text() for t in heat.get_yticklabels()] == LAYERS
+
+
+def test_several_runs_are_drawn_as_mean_and_band_with_their_number(run, tmp_path):
+    other = run.copy(deep=True)
+    other["parent"] = other.parent * 1.5
+    other["pair"] = other.pair * 0.5
+    for name, ds in (("a", run), ("b", other)):
+        rs.write_atomic(ds, tmp_path / f"{name}.nc")
+    runs = rs.open_runs([tmp_path / "a.nc", tmp_path / "b.nc"], names=["a", "b"])
+    assert set(plots.report(runs, tmp_path / "figures")) == {
+        str(tmp_path / "figures" / f"{name}.{ext}") for name in FIGURES for ext in ("png", "pdf")}
+    ax = plots.kernel_dynamics(runs).axes[0]
+    np.testing.assert_allclose(ax.get_lines()[0].get_ydata(), 1.25 * run.parent.sel(metric="kernel_velocity"))
+    band = ax.collections[0].get_paths()[0].vertices[:, 1]  # the min-max band: from run a's to run b's values
+    assert band.min() == pytest.approx(float(run.parent.sel(metric="kernel_velocity").min()))
+    assert band.max() == pytest.approx(1.5 * float(run.parent.sel(metric="kernel_velocity").max()))
+    assert ax.get_legend().get_texts()[0].get_text() == "kernel velocity (mean of 2 runs, band: min–max)"
+    barrier = plots.barrier_vs_spawn_time(runs).axes[0].get_lines()[0].get_ydata()
+    expected = 0.75 * run.pair.sel(metric="error_barrier").mean("child_pair").dropna("time").values
+    np.testing.assert_allclose(barrier, expected)
+    assert "mean of 2 runs" in plots.kernel_distance_matrix(runs)._suptitle.get_text()
 
 
 def test_absent_variables_are_skipped_with_a_log_line(tmp_path, caplog):

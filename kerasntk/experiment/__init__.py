@@ -7,7 +7,7 @@ from kerasntk.experiment.experiment import Experiment, child_seeds
 from kerasntk.experiment.grid import Grid
 from kerasntk.experiment.jobs import Job, job_graph
 
-__all__ = ["Experiment", "Grid", "Job", "JobFailed", "child_seeds", "job_graph", "run", "run_ray"]
+__all__ = ["Experiment", "Grid", "Job", "JobFailed", "child_seeds", "job_graph", "replicate_dirs", "run", "run_ray"]
 
 
 def run(config, run_dir=None, strategy=None, verbose=1, executor="local", address=None):
@@ -30,3 +30,17 @@ def run(config, run_dir=None, strategy=None, verbose=1, executor="local", addres
     else:
         raise ValueError(f"executor {executor!r} is not allowed; allowed: local, ray")
     return results.load(RunDir(run_dir).merged)
+
+
+def replicate_dirs(config, seeds, out=None):
+    """{seed: (config, run directory)} of the replicates of `config` with the parent seeds `seeds`
+    (`config.with_parent_seed`): OUT/seed<s> when `out` is given, else runs/<run name> (the name's hash covers
+    the seed)."""
+    from kerasntk import config as cfg
+    from kerasntk import fs
+
+    replicas = {}
+    for seed in seeds:
+        seeded = cfg.with_parent_seed(config, seed)
+        replicas[seed] = (seeded, fs.join(out, f"seed{seed}") if out else os.path.join("runs", seeded.run_name()))
+    return replicas

@@ -12,7 +12,7 @@ import numpy as np
 import tensorflow as tf
 
 from kerasntk import config as cfg
-from kerasntk import data, fs, kernel_learning, landscape, models, ntk, plots, results, rundir, training
+from kerasntk import data, fs, hessian, kernel_learning, landscape, models, ntk, plots, results, rundir, training
 from kerasntk.evaluation import Evaluator
 from kerasntk.experiment import jobs as graph
 from kerasntk.experiment.grid import Grid
@@ -34,7 +34,7 @@ class Experiment:
         self.strategy = strategy or tf.distribute.get_strategy()
         self.arrays = training.load_data(config)
         steps_per_epoch = data.steps_per_epoch(self.arrays, config.train.batch_size)
-        cfg.validate_against(config, steps_per_epoch, self.strategy.num_replicas_in_sync)
+        cfg.validate_against(config, steps_per_epoch, self.strategy.num_replicas_in_sync, len(self.arrays.x_train))
         self.grid = Grid.from_config(config, steps_per_epoch)
         self.jobs = graph.job_graph(config, self.grid)
         n, la = config.ntk, config.landscape
@@ -42,7 +42,7 @@ class Experiment:
         rng = np.random.default_rng(config.train.data_seed)
         self.train_subset = rng.permutation(len(self.arrays.x_train))[:la.train_examples]
         self.bn_subset = rng.permutation(len(self.arrays.x_train))[:la.bn_examples]
-        self._model = self._ntk_fn = None
+        self._model = self._ntk_fn = self._layer_ntk_fn = self._hvp = None
 
     @property
     def model(self):
@@ -174,51 +174,88 @@ class Experiment:
 
     def kernel(self, weights, cache_path=None):
         """The probe-set trace NTK (N, N) of `weights`, cached as .npy when `cache_path` is given."""
+        if self._ntk_fn is None:  # one function for every checkpoint: traced once, blocks spread over replicas
+            self._ntk_fn = self._make_ntk_fn(per_layer=False)
+        return self._cached(cache_path, lambda: self._ntk_fn(self.x_probe), weights)
+
+    def layer_kernel(self, weights, cache_path=None):
+        """The probe-set trace NTK's per-layer terms (L, N, N) of `weights` (Θ = Σ_l Θ_l), cached like `kernel`."""
+        if self._layer_ntk_fn is None:
+            self._layer_ntk_fn = self._make_ntk_fn(per_layer=True)
+        return self._cached(cache_path, lambda: self._layer_ntk_fn(self.x_probe), weights)
+
+    @property
+    def layer_names(self):
+        """The layers with trainable variables, in the order of `layer_kernel`'s first axis."""
+        if self._layer_ntk_fn is None:
+            self._layer_ntk_fn = self._make_ntk_fn(per_layer=True)
+        return self._layer_ntk_fn.layer_names
+
+    def _make_ntk_fn(self, per_layer):
+        n = self.config.ntk
+        return ntk.empirical_ntk_fn(self.model, trace_axes=(-1,), implementation=n.implementation,
+                                    batch_size=n.batch_size, strategy=self.strategy, per_layer=per_layer)
+
+    def _cached(self, cache_path, compute, weights):
+        """The array at the sealed `cache_path` if intact, else `compute()` on `weights` (float64), saved there."""
         if cache_path and fs.is_sealed(cache_path) and not fs.seal_problem(cache_path):
             return fs.load_npy(cache_path)
         self.model.set_weights(weights)
-        if self._ntk_fn is None:  # one function for every checkpoint: traced once, blocks spread over replicas
-            n = self.config.ntk
-            self._ntk_fn = ntk.empirical_ntk_fn(self.model, trace_axes=(-1,), implementation=n.implementation,
-                                                batch_size=n.batch_size, strategy=self.strategy)
-        kernel = np.asarray(self._ntk_fn(self.x_probe), np.float64)
+        array = np.asarray(compute(), np.float64)
         if cache_path:
-            fs.save_npy(cache_path, kernel)
-        return kernel
+            fs.save_npy(cache_path, array)
+        return array
+
+    def curvature(self, weights, trace=True):
+        """The training loss's sharpness (and with `trace`, Hutchinson's trace and its standard error) at
+        `weights`, on the config's Hessian subset (`kerasntk.hessian`; one HVP function for every call)."""
+        h = self.config.hessian
+        if self._hvp is None:
+            x, y = data.probe_subset(self.arrays.x_train, self.arrays.y_train, h.subset_size, h.seed)
+            self._hvp = hessian.hvp_fn(self.model, x, y, weight_decay=self.config.train.weight_decay,
+                                       batch_size=h.batch_size, strategy=self.strategy)
+        self.model.set_weights(weights)
+        out = dict(hessian_top_eigenvalue=float(hessian.top_eigenvalues(self._hvp, 1, h.lanczos_steps, h.seed)[0]))
+        if trace:
+            out["hessian_trace"], out["hessian_trace_stderr"] = hessian.trace(self._hvp, h.probes, h.seed)
+        return out
 
     def measure_parent(self):
-        """parent(time, metric) and kernel_distance(time, time_b) over the grid: errors, kernels, distances."""
+        """parent(time, metric), kernel_distance(time, time_b) and parent_layer(time, layer, metric) over the grid:
+        errors, curvature, kernels and their per-layer terms, distances."""
         x_train, y_train = self.arrays.x_train[self.train_subset], self.arrays.y_train[self.train_subset]
-        job, g = self.run.parent, self.grid
+        job, g, n = self.run.parent, self.grid, self.config.ntk
+        times = g.epochs(np.array(g.checkpoints))
+        dt = None if g.velocity_dt is None else g.epochs(g.velocity_dt)
+        trajectory, layer_kernels = ntk.KernelTrajectory(self.y_probe, dt), []
         w0 = self.weights_at(job, 0)
         mask = landscape.trainable_mask(self.model)
-        rows, kernels, lrs = [], [], []
-        for i, step in enumerate(g.checkpoints):
+        rows = []
+        for i, (step, t) in enumerate(zip(g.checkpoints, times)):
             self._say(f"parent measurements: checkpoint {i + 1}/{len(g.checkpoints)} (step {step})")
             w = self.weights_at(job, step)
             test = self.evaluator(self.arrays.x_test, self.arrays.y_test, weights=w)
             train = self.evaluator(x_train, y_train, weights=w)
             dist = landscape.weight_distances(w0, w, mask)
+            lr = job.meta(step)["learning_rate"]
             rows.append(dict(test_error=test["error"], test_loss=test["loss"], train_error=train["error"],
-                             train_loss=train["loss"], weight_distance_from_init=dist["weight_distance"]))
-            lrs.append(job.meta(step)["learning_rate"])
-            if self.config.ntk.enabled:
-                kernels.append(self.kernel(w, job.kernel_path(step)))
-        times = g.epochs(np.array(g.checkpoints))
+                             train_loss=train["loss"], weight_distance_from_init=dist["weight_distance"],
+                             learning_rate=lr))
+            if self.config.hessian.enabled:
+                rows[-1].update(self.curvature(w))
+            if n.enabled:
+                trajectory.add(t, self.kernel(w, job.kernel_path(step)), lr)
+            if n.enabled and n.per_layer:
+                layer_kernels.append(self.layer_kernel(w, job.layer_kernel_path(step)))
         metrics = {k: np.array([r[k] for r in rows]) for k in rows[0]}
         travel = metrics["weight_distance_from_init"]
         metrics["relative_weight_distance_from_init"] = travel / travel[-1] if travel[-1] > 0 else travel * np.nan
-        metrics["learning_rate"] = np.array(lrs)
-        kernel_distance = None
-        if kernels:
-            dt = None if g.velocity_dt is None else g.epochs(g.velocity_dt)
-            kernel_metrics, kernel_distance = ntk.trajectory_metrics(kernels, times, self.y_probe,
-                                                                     learning_rates=lrs, dt=dt)
-            metrics.update(kernel_metrics)
-            metrics["kernel_top_eigenvalue"] = np.array([ntk.eigenvalues(k, 1)[0] for k in kernels])
-        results.write_atomic(results.parent_dataset(g.checkpoints, times, metrics, kernel_distance=kernel_distance,
-                                                    requested_times=g.requested, attrs=self._attrs()),
-                             self.run.result("parent"))
+        metrics.update(trajectory.metrics() if trajectory else {})
+        layer_metrics = ntk.layer_trajectory_metrics(layer_kernels, times, self.y_probe, dt) if layer_kernels else None
+        results.write_atomic(results.parent_dataset(
+            g.checkpoints, times, metrics, kernel_distance=trajectory.distance_matrix() if trajectory else None,
+            requested_times=g.requested, attrs=self._attrs(), layer_metrics=layer_metrics,
+            layers=self.layer_names if layer_kernels else None), self.run.result("parent"))
 
     # kernel learning --------------------------------------------------------------------------------------
 
@@ -264,6 +301,8 @@ class Experiment:
         test = self.evaluator(self.arrays.x_test, self.arrays.y_test, weights=w)
         metrics = dict(test_error=test["error"], test_loss=test["loss"])
         metrics.update({f"{k}_to_parent": v for k, v in scalars.items()})
+        if self.config.hessian.enabled:
+            metrics["hessian_top_eigenvalue_end"] = self.curvature(w, trace=False)["hessian_top_eigenvalue"]
         if self.config.ntk.enabled:
             parent_kernel = self.kernel(parent_final, self.run.parent.kernel_path(final))
             metrics["kernel_distance_to_parent"] = ntk.kernel_distance(self.kernel(w, job.kernel_path(final)),
