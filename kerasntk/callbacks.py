@@ -160,7 +160,7 @@ class NTKMonitor(_Timed):
             raise ValueError(f"NTKMonitor: velocity_dt={velocity_dt!r} must be a time > 0 or None")
         self.trace_axes, self.implementation, self.batch_size = tuple(trace_axes), implementation, batch_size
         self.path, self.keep_kernels, self.write_every, self.verbose = path, keep_kernels, int(write_every), verbose
-        self.steps, self.trajectory, self.tests = [], None, []
+        self.steps, self.trajectory, self.test_scores = [], None, []
         self._ntk_fn, self._evaluator, self._attrs = None, None, None
 
     @property
@@ -211,7 +211,7 @@ class NTKMonitor(_Timed):
         self.trajectory.add(self.epochs(step), K, lr)
         self.steps.append(step)
         if self.test_data is not None:
-            self.tests.append(self._evaluator(*self.test_data))
+            self.test_scores.append(self._evaluator(*self.test_data))
         if self.verbose:
             print(f"NTKMonitor: epoch {self.times[-1]:g} (step {step}): "
                   + ", ".join(f"{k} {v:.4g}" for k, v in self.latest().items())
@@ -224,8 +224,8 @@ class NTKMonitor(_Timed):
         if not self.trajectory:
             raise ValueError("NTKMonitor has no measurement yet")
         metrics = dict(self.trajectory.metrics(), learning_rate=np.array(self.trajectory.learning_rates))
-        if self.tests:
-            metrics.update({f"test_{k}": np.array([t[k] for t in self.tests]) for k in ("error", "loss")})
+        if self.test_scores:
+            metrics.update({f"test_{k}": np.array([t[k] for t in self.test_scores]) for k in ("error", "loss")})
         ds = results.parent_dataset(self.steps, np.array(self.times), metrics,
                                     kernel_distance=self.trajectory.distance_matrix(), attrs=self._attrs)
         if self.keep_kernels:

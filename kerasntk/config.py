@@ -141,7 +141,7 @@ class HessianConfig:
     top eigenvalue by Lanczos, trace by Hutchinson, on a class-balanced subset of the training set."""
 
     enabled: bool = True
-    subset_size: int = 512  # training examples the loss is measured on (data.probe_subset with `seed`)
+    subset_size: int = 512  # training examples the loss is measured on, at most (data.probe_subset with `seed`)
     batch_size: int = 512  # examples per block of the Hessian-vector product
     lanczos_steps: int = 20  # Lanczos steps (Hessian-vector products) for the top eigenvalue
     probes: int = 10  # Hutchinson probes (Hessian-vector products) for the trace
@@ -414,9 +414,8 @@ def parse_seeds(text):
     return [int(item) for item in items]
 
 
-def validate_against(config, steps_per_epoch, num_replicas, train_examples=None):
-    """Checks that need the data and the strategy: times within training, batch divisible by replicas, the
-    Hessian subset within the training set (when `train_examples` is given)."""
+def validate_against(config, steps_per_epoch, num_replicas):
+    """Checks that need the data and the strategy: times within training, batch divisible by replicas."""
     t = config.train
     _check(
         t.batch_size % num_replicas == 0,
@@ -425,9 +424,6 @@ def validate_against(config, steps_per_epoch, num_replicas, train_examples=None)
         f"a multiple of the {num_replicas} replicas of the distribution strategy",
     )
     _check(steps_per_epoch > 0, "train.batch_size", t.batch_size, f"at most the training set size")
-    if train_examples is not None and config.hessian.enabled:
-        _check(config.hessian.subset_size <= train_examples, "hessian.subset_size", config.hessian.subset_size,
-               f"at most the {train_examples} training examples")
     total = parse_duration(t.length).steps(steps_per_epoch)
     named = [(f"checkpoints.times[{i}]", v) for i, v in enumerate(config.checkpoints.times)]
     named += [(f"spawn.times[{i}]", v) for i, v in enumerate(config.spawn.times)]

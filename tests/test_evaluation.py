@@ -115,6 +115,6 @@ def test_a_checkpoints_test_error_agrees_in_history_parent_nc_and_ntkmonitor(cle
     monitor = NTKMonitor(arrays.x_train[:8], every=["0it"], test_data=(arrays.x_test, arrays.y_test),
                          eval_batch_size=config.train.eval_batch_size)
     model.fit(arrays.x_train[:8], arrays.y_train[:8], batch_size=8, epochs=1, verbose=0, callbacks=[monitor])
-    assert monitor.rows[0]["test_error"] == history[step]["test_error"]
-    assert monitor.rows[0]["test_loss"] == history[step]["test_loss"]
+    assert monitor.test_scores[0]["error"] == history[step]["test_error"]
+    assert monitor.test_scores[0]["loss"] == history[step]["test_loss"]
     assert monitor.dataset().parent.sel(metric="test_error").item() == history[step]["test_error"]

@@ -34,7 +34,7 @@ class Experiment:
         self.strategy = strategy or tf.distribute.get_strategy()
         self.arrays = training.load_data(config)
         steps_per_epoch = data.steps_per_epoch(self.arrays, config.train.batch_size)
-        cfg.validate_against(config, steps_per_epoch, self.strategy.num_replicas_in_sync, len(self.arrays.x_train))
+        cfg.validate_against(config, steps_per_epoch, self.strategy.num_replicas_in_sync)
         self.grid = Grid.from_config(config, steps_per_epoch)
         self.jobs = graph.job_graph(config, self.grid)
         n, la = config.ntk, config.landscape
@@ -211,7 +211,9 @@ class Experiment:
         `weights`, on the config's Hessian subset (`kerasntk.hessian`; one HVP function for every call)."""
         h = self.config.hessian
         if self._hvp is None:
-            x, y = data.probe_subset(self.arrays.x_train, self.arrays.y_train, h.subset_size, h.seed)
+            x, y = self.arrays.x_train, self.arrays.y_train  # the subset is "at most" the training set
+            if h.subset_size < len(x):
+                x, y = data.probe_subset(x, y, h.subset_size, h.seed)
             self._hvp = hessian.hvp_fn(self.model, x, y, weight_decay=self.config.train.weight_decay,
                                        batch_size=h.batch_size, strategy=self.strategy)
         self.model.set_weights(weights)
