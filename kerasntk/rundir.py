@@ -6,6 +6,7 @@
     RUN/linearized/sXXXXXXXX/                         the parent's linearization at step X (a JobDir)
     RUN/results/{parent,linearized_s*,child_s*_c*,pair_s*}.nc   one NetCDF file per measurement job
     RUN/results.nc, RUN/figures/*.png|pdf             merged results and figures
+    RUN/tensorboard/<job id>/events.out.tfevents.*    TensorBoard event files, one run per job (`summaries`)
 
     JOB/checkpoints/step_XXXXXXXX/{ckpt.*,meta.json}  permanent checkpoints (model, optimizer, step) on the grid
     JOB/resume/step_XXXXXXXX/{ckpt.*,meta.json}       the latest in-run checkpoint (older ones are removed)
@@ -219,6 +220,10 @@ class RunDir:
         folder = fs.join(self.root, "failed")
         stored = [fs.read_json(fs.join(folder, n)) for n in fs.listdir(folder) if n.endswith(".json") and not n.startswith(".")]
         return {f["job"]: f for f in stored}
+
+    def tensorboard(self, job_id=None):
+        """RUN/tensorboard (`tensorboard --logdir` it), or the event-file directory of job `job_id` in it."""
+        return fs.join(self.root, "tensorboard", *([job_id] if job_id else []))
 
     @property
     def merged(self):

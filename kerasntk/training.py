@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import signal
+import sys
 import threading
 import time
 
@@ -17,7 +18,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from kerasntk import data, faults, models
+from kerasntk import data, faults, models, summaries
 
 log = logging.getLogger(__name__)
 
@@ -66,14 +67,16 @@ class Trainer:
     train: the config's train section (batch size, weight decay, steps per execution, XLA, eval batch).
     total_steps, steps_per_epoch: from the run's `Grid`. augment: the data section's augmentation setting.
     data_seed, augment_seed: this network's seeds (children have their own).
-    name: how log lines and errors name the job.
+    name: how log lines and errors name the job. summary_dir: where each epoch's row also goes as a TensorBoard
+    event file (`summaries.write_epoch`; None: nowhere).
     """
 
     def __init__(self, model, optimizer, arrays, job, *, train, total_steps, steps_per_epoch, data_seed,
-                 augment_seed, augment=None, strategy=None, name="training"):
+                 augment_seed, augment=None, strategy=None, name="training", summary_dir=None):
         self.model, self.optimizer, self.arrays, self.job, self.train_config = model, optimizer, arrays, job, train
         self.total_steps, self.steps_per_epoch = int(total_steps), int(steps_per_epoch)
         self.data_seed, self.augment_seed, self.augment, self.name = int(data_seed), int(augment_seed), augment, name
+        self.summary_dir = summary_dir
         self.strategy = strategy or tf.distribute.get_strategy()
         self.checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer)
         self.history = []
@@ -159,7 +162,9 @@ class Trainer:
         batches = data.train_batches(self.arrays, batch_size=t.batch_size, epoch=epoch, order_seed=self.data_seed,
                                      augment_seed=self.augment_seed, start_batch=batch, augment=self.augment)
         iterator = iter(self.strategy.experimental_distribute_dataset(batches))
-        bar = keras.utils.Progbar(self.steps_per_epoch, verbose=verbose, unit_name="step") if verbose else None
+        # Keras's bar redraws with \r and ANSI codes wherever it writes: only on a terminal (else the epoch line)
+        interactive = verbose and sys.stdout.isatty()
+        bar = keras.utils.Progbar(self.steps_per_epoch, verbose=verbose, unit_name="step") if interactive else None
         while self.step < stop_step:
             next_save = min([s for s in save_steps if s > self.step] + [stop_step])
             n = min(t.steps_per_execution, next_save - self.step)
@@ -200,6 +205,8 @@ class Trainer:
             print(f"epoch {self.epoch():g}/{self.epoch(self.total_steps):g}: "
                   f"train loss {row['train_loss']:.4f} error {row['train_error']:.4f} | "
                   f"test loss {row['test_loss']:.4f} error {row['test_error']:.4f}", flush=True)
+        if self.summary_dir:  # before the resume checkpoint: a job killed in between rewrites the same file
+            summaries.write_epoch(self.summary_dir, self.step, row)
         self._save_resume()
 
     # -- compiled functions -----------------------------------------------------------------------------
@@ -324,15 +331,17 @@ def build_model_and_optimizer(config, arrays, grid, strategy):
     return model, optimizer
 
 
-def build_trainer(config, arrays, grid, job, strategy, *, data_seed=None, augment_seed=None, name="training"):
+def build_trainer(config, arrays, grid, job, strategy, *, data_seed=None, augment_seed=None, name="training",
+                  summary_dir=None):
     """A Trainer of the config's seeded model and optimizer on `arrays`, with the times of `grid` (a Grid),
-    writing to `job` (a JobDir); seeds default to the config's (children pass their own)."""
+    writing to `job` (a JobDir) and TensorBoard files to `summary_dir`; seeds default to the config's (children
+    pass their own)."""
     t = config.train
     model, optimizer = build_model_and_optimizer(config, arrays, grid, strategy)
     return Trainer(model, optimizer, arrays, job, train=t, total_steps=grid.total,
                    steps_per_epoch=grid.steps_per_epoch, data_seed=t.data_seed if data_seed is None else data_seed,
                    augment_seed=t.augment_seed if augment_seed is None else augment_seed,
-                   augment=config.data.augment, strategy=strategy, name=name)
+                   augment=config.data.augment, strategy=strategy, name=name, summary_dir=summary_dir)
 
 
 class _Flag:
