@@ -107,3 +107,10 @@ def tensorboard_scalars(directory):
                 if number.ndim == 0 and number.dtype.kind == "f":  # not Keras's model graph, a string
                     scalars.setdefault(value.tag, {})[event.step] = float(number)
     return scalars
+
+
+def tensorboard_runs(root):
+    """{run name (its directory under `root`): tensorboard_scalars} of every TensorBoard run under `root`."""
+    root = pathlib.Path(root)
+    folders = sorted({path.parent for path in root.rglob("*tfevents*")})
+    return {str(folder.relative_to(root)): tensorboard_scalars(folder) for folder in folders}

@@ -37,3 +37,21 @@ def test_quiet_and_verbose_before_or_after_the_verb(argv, quiet, verbose):
 
     args = cli.build_parser().parse_args(argv)
     assert (args.quiet, args.verbose) == (quiet, verbose)
+
+
+def test_a_log_file_gets_plain_lines_and_no_tensorflow_start_up_noise(tmp_path, npz):
+    """`kerasntk train > log 2>&1` on the tiny config: one plain line per epoch, no carriage return or ANSI
+    escape (Keras's progress bar is for terminals), none of TensorFlow's C++ start-up lines (without -v)."""
+    from helpers import tiny
+
+    sets = [arg for item in tiny(npz) for arg in ("--set", item)]
+    with open(tmp_path / "log", "wb") as log:
+        done = subprocess.run([sys.executable, "-m", "kerasntk", "train", *sets, "--out", str(tmp_path / "run")],
+                              stdout=log, stderr=subprocess.STDOUT, timeout=600, cwd=tmp_path)
+    text = (tmp_path / "log").read_text()
+    assert done.returncode == 0, text
+    assert "\r" not in text and "\x1b" not in text
+    assert [line.split(":")[0] for line in text.splitlines() if line.startswith("epoch ")] == ["epoch 1/2", "epoch 2/2"]
+    noise = [line for line in text.splitlines() if "absl::InitializeLog" in line or line[:5] in ("I0000", "E0000", "W0000")
+             or "oneDNN" in line or "cuInit" in line]
+    assert not noise, noise
