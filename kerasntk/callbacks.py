@@ -1,8 +1,8 @@
 """Keras callbacks bringing kerasntk's measurements into any `model.fit` (DESIGN.md, "Callbacks").
 
 - `NTKMonitor`: the empirical NTK on a probe set at chosen times; scalars into `logs` (so History,
-  CSVLogger and TensorBoard record them, wherever they are in the callback list), the trajectory into NetCDF (`parent(time, metric)`,
-  `kernel_distance(time, time_b)`, optionally the kernels).
+  CSVLogger and TensorBoard record them, wherever they are in the callback list), the trajectory into
+  NetCDF (`parent(time, metric)`, `kernel_distance(time, time_b)`, optionally the kernels).
 - `SpawnCheckpoint`: weights, optimizer state and step at chosen times, in the run-directory layout that
   `kerasntk spawn RUN_DIR --time T --child C` reads, so children can be launched from a plain `fit` run.
 - `LandscapeProbe`: at the end of training, error/loss barriers and disagreement between the trained

@@ -13,7 +13,7 @@ import tensorflow as tf
 from kerasntk import config as cfg
 from kerasntk import data, landscape, summaries
 from kerasntk.linearized import linearize
-from kerasntk.training import Diverged
+from kerasntk.training import Diverged, EpochLines
 
 
 def validation_split(arrays, n, seed):
@@ -47,6 +47,7 @@ def fit_linearized(model, weights, arrays, config, job, strategy, verbose=1, sum
         optimizer.build(lin.trainable_variables)
     checkpoint = tf.train.Checkpoint(model=lin, optimizer=optimizer)
     history = _restore(job, checkpoint)
+    lines = EpochLines(verbose)
     for epoch in range(len(history), epochs):
         batches = data.train_batches(train_arrays, batch_size=lc.batch_size, epoch=epoch,
                                      order_seed=config.train.data_seed, augment_seed=config.train.augment_seed,
@@ -61,9 +62,8 @@ def fit_linearized(model, weights, arrays, config, job, strategy, verbose=1, sum
         history.append(dict(epoch=epoch + 1, test_error=test["error"], test_loss=test["loss"],
                             val_error=val["error"], train_loss=loss, train_error=1 - fitted["accuracy"][-1],
                             lr=lc.lr))
-        if verbose:
-            print(f"  linearized epoch {epoch + 1}/{epochs}: test error {test['error']:.4f} "
-                  f"(validation {val['error']:.4f})", flush=True)
+        lines(f"  linearized epoch {epoch + 1}/{epochs}: test error {test['error']:.4f} "
+              f"(validation {val['error']:.4f})", last=epoch + 1 == epochs)
         if summary_dir:  # before the resume checkpoint, as the trainer does
             summaries.write_epoch(summary_dir, int(optimizer.iterations.numpy()), history[-1])
         job.write_history(history)

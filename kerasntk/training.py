@@ -51,6 +51,23 @@ class Schedule(keras.optimizers.schedules.LearningRateSchedule):
                     warmup_steps=self.warmup_steps, milestones=self.milestones, gamma=self.gamma)
 
 
+class EpochLines:
+    """A job's per-epoch lines: every epoch on a terminal or with verbose 2 (-v); into a file or a pipe, the last
+    epoch and otherwise at most one line per `every` seconds, so a log grows with wall time, not with jobs × epochs
+    (the default run has ~700 child and linearized epochs; every epoch is in history.json and TensorBoard)."""
+
+    def __init__(self, verbose, every=30.0):
+        self.verbose, self.every = verbose, every
+        self.each = verbose > 1 or sys.stdout.isatty()
+        self.printed = time.monotonic()
+
+    def __call__(self, line, last):
+        now = time.monotonic()
+        if self.verbose and (self.each or last or now - self.printed >= self.every):
+            print(line, flush=True)
+            self.printed = now
+
+
 class Preempted(RuntimeError):
     """Training stopped on SIGTERM after saving a resume checkpoint; run the job again to continue."""
 
@@ -147,13 +164,14 @@ class Trainer:
         save_steps = sorted(set(s for s in save_steps if self.step <= s <= until))
         if self.step in save_steps:
             self.save_grid_checkpoint()
+        lines = EpochLines(verbose)
         with _sigterm_flag() as stop:
             while self.step < until:
                 epoch, batch = divmod(self.step, self.steps_per_epoch)
                 epoch_end = min((epoch + 1) * self.steps_per_epoch, until)
                 self._train_epoch_part(epoch, batch, epoch_end, save_steps, verbose, stop)
                 if self.step % self.steps_per_epoch == 0 or self.step == self.total_steps:
-                    self._end_epoch(verbose)
+                    self._end_epoch(lines)
         return self.history
 
     def _train_epoch_part(self, epoch, batch, stop_step, save_steps, verbose, stop):
@@ -193,7 +211,7 @@ class Trainer:
                        f"(epoch {self.epoch(first_step):.3f}); last finite loss {last}; lower train.lr "
                        "or add train.warmup")
 
-    def _end_epoch(self, verbose):
+    def _end_epoch(self, lines):
         test = self.evaluate(self.arrays.x_test, self.arrays.y_test)
         totals, self._partial = self._partial, np.zeros(3)
         row = dict(epoch=self.epoch(), step=self.step, lr=float(self.optimizer.learning_rate.numpy()),
@@ -201,10 +219,9 @@ class Trainer:
                    test_loss=test["loss"], test_error=test["error"], wall_time=time.time())
         # one row per epoch end, replacing a row of the same step (a resumed job recomputes the same row)
         self.history = sorted([h for h in self.history if h["step"] != row["step"]] + [row], key=lambda h: h["step"])
-        if verbose:
-            print(f"epoch {self.epoch():g}/{self.epoch(self.total_steps):g}: "
-                  f"train loss {row['train_loss']:.4f} error {row['train_error']:.4f} | "
-                  f"test loss {row['test_loss']:.4f} error {row['test_error']:.4f}", flush=True)
+        lines(f"epoch {self.epoch():g}/{self.epoch(self.total_steps):g}: "
+              f"train loss {row['train_loss']:.4f} error {row['train_error']:.4f} | "
+              f"test loss {row['test_loss']:.4f} error {row['test_error']:.4f}", last=self.step == self.total_steps)
         if self.summary_dir:  # before the resume checkpoint: a job killed in between rewrites the same file
             summaries.write_epoch(self.summary_dir, self.step, row)
         self._save_resume()

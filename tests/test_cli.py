@@ -40,8 +40,9 @@ def test_quiet_and_verbose_before_or_after_the_verb(argv, quiet, verbose):
 
 
 def test_a_log_file_gets_plain_lines_and_no_tensorflow_start_up_noise(tmp_path, npz):
-    """`kerasntk train > log 2>&1` on the tiny config: one plain line per epoch, no carriage return or ANSI
-    escape (Keras's progress bar is for terminals), none of TensorFlow's C++ start-up lines (without -v)."""
+    """`kerasntk train > log 2>&1` on the tiny config: plain epoch lines (the last epoch's always, others at most
+    every 30 s), no carriage return or ANSI escape (Keras's progress bar is for terminals), none of TensorFlow's
+    C++ start-up lines (without -v)."""
     from helpers import tiny
 
     sets = [arg for item in tiny(npz) for arg in ("--set", item)]
@@ -51,7 +52,8 @@ def test_a_log_file_gets_plain_lines_and_no_tensorflow_start_up_noise(tmp_path, 
     text = (tmp_path / "log").read_text()
     assert done.returncode == 0, text
     assert "\r" not in text and "\x1b" not in text
-    assert [line.split(":")[0] for line in text.splitlines() if line.startswith("epoch ")] == ["epoch 1/2", "epoch 2/2"]
-    noise = [line for line in text.splitlines() if "absl::InitializeLog" in line or line[:5] in ("I0000", "E0000", "W0000")
-             or "oneDNN" in line or "cuInit" in line]
+    epochs = [line.split(":")[0] for line in text.splitlines() if line.startswith("epoch ")]
+    assert epochs[-1] == "epoch 2/2" and set(epochs) <= {"epoch 1/2", "epoch 2/2"} and len(set(epochs)) == len(epochs)
+    noise = [line for line in text.splitlines() if line[:5] in ("I0000", "E0000", "W0000")
+             or any(mark in line for mark in ("absl::InitializeLog", "oneDNN", "cuInit"))]
     assert not noise, noise

@@ -242,7 +242,8 @@ class Experiment:
         data_seed, augment_seed = child_seeds(self.config, step, child)
         job_id = graph.job_id("child", step, child)
         trainer = training.build_trainer(self.config, self.arrays, self.grid, job, self.strategy, data_seed=data_seed,
-                                         augment_seed=augment_seed, name=job_id, summary_dir=self.run.tensorboard(job_id))
+                                         augment_seed=augment_seed, name=job_id,
+                                         summary_dir=self.run.tensorboard(job_id))
         trainer.restore(start_from=(self.run.parent, step), reset_momentum=self.config.spawn.reset_momentum)
         self._say(f"child {child} spawned at epoch {self.grid.epochs(step):g}: training to the end")
         try:
