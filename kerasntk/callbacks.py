@@ -1,8 +1,8 @@
 """Keras callbacks bringing kerasntk's measurements into any `model.fit` (README "Keras callbacks"; metrics: docs/methods.md).
 
 - `NTKMonitor`: the empirical NTK on a probe set at chosen times; scalars into `logs` (so History,
-  CSVLogger and TensorBoard record them), the trajectory into NetCDF (`parent(time, metric)`,
-  `kernel_distance(time, time_b)`, optionally the kernels).
+  CSVLogger and TensorBoard record them, wherever they are in the callback list), the trajectory into
+  NetCDF (`parent(time, metric)`, `kernel_distance(time, time_b)`, optionally the kernels).
 - `SpawnCheckpoint`: weights, optimizer state and step at chosen times, in the run-directory layout that
   `kerasntk spawn RUN_DIR --time T --child C` reads, so children can be launched from a plain `fit` run.
 - `LandscapeProbe`: at the end of training, error/loss barriers and disagreement between the trained
@@ -14,8 +14,14 @@ Times follow Keras: hooks count epochs from 0, and a time t (in epochs, fraction
 "<n>it" in optimizer steps) means "after t epochs of training", i.e. `optimizer.iterations == t·steps`.
 Batch-level hooks are installed only when a time needs step resolution: a batch hook stops Keras from
 dispatching batches asynchronously and syncs with the host every batch.
+
+Every callback's `on_epoch_end` gets the same `logs`, one callback after another, so a value put there in
+`on_epoch_end` would miss the callbacks before it (TensorBoard, CSVLogger). NTKMonitor, HessianMonitor and
+LandscapeProbe therefore measure right after the epoch's last train step, inside `model.train_function`
+(wrapped while `fit` runs, `_EpochEndLogs`), and their values are in the logs Keras builds for the epoch.
 """
 
+import math
 import os
 import time as _time
 import warnings
@@ -32,6 +38,8 @@ from kerasntk.evaluation import Evaluator  # noqa: E402
 
 LOG_KEYS = ("ntk_velocity", "ntk_distance_from_init", "ntk_alignment", "ntk_effective_rank")
 HESSIAN_LOG_KEYS = ("hessian_top_eigenvalue", "hessian_trace", "hessian_trace_stderr")
+LANDSCAPE_LOG_KEYS = ("error_barrier", "loss_barrier", "train_error_barrier", "train_loss_barrier", "disagreement",
+                      "js_divergence", "weight_distance", "cosine_similarity")
 
 
 # -- when to act --------------------------------------------------------------------------------------------
@@ -42,6 +50,8 @@ class _Timed(keras.callbacks.Callback):
     n steps (int), or at a list of times. Subclasses implement `_act(step, logs)`; a step is acted on once,
     also across several `fit` calls. With steps_per_execution > 1 a time between two hooks is acted on at
     the first hook after it (the step actually used is what gets recorded)."""
+
+    logged = False  # whether `latest()` goes into every callback's epoch logs (_EpochEndLogs)
 
     def __init__(self, every, name):
         super().__init__()
@@ -60,9 +70,24 @@ class _Timed(keras.callbacks.Callback):
         step = self._step()
         self._last = max(self._last, step - 1)
         self._maybe_act(step, logs, boundary=True)
+        if self.logged:
+            _EpochEndLogs.attach(self)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        _EpochEndLogs.epoch_begins(self)
 
     def on_epoch_end(self, epoch, logs=None):
         self._maybe_act(self._step(), logs, boundary=True)
+        if self.logged and logs is not None:
+            logs.update(self.latest())
+
+    def on_train_end(self, logs=None):
+        _EpochEndLogs.detach(self)
+
+    def epoch_end_logs(self):
+        """Act if due at the epoch's last step (called by `_EpochEndLogs`); the values for the epoch's logs."""
+        self._maybe_act(self._step(), None, boundary=True)
+        return self.latest()
 
     def _on_batch_end(self, batch, logs=None):
         self._maybe_act(self._step(), logs, boundary=False)
@@ -91,6 +116,55 @@ class _Timed(keras.callbacks.Callback):
 
     def _act(self, step, logs):
         raise NotImplementedError
+
+
+class _EpochEndLogs:
+    """`model.train_function` wrapped while `fit` runs: after an epoch's last call (its last train steps) every
+    registered callback's `epoch_end_logs()` goes into the logs it returns, from which Keras builds the epoch's
+    logs (when their keys differ from the model's metrics, Keras takes the last step's logs), so every callback's
+    `on_epoch_end` sees them in any order. The weights are the epoch's final ones, as in `on_epoch_end`.
+    Without a known number of steps per epoch, or in an epoch that ends early (`stop_training`, data exhausted),
+    the callbacks measure in their own `on_epoch_end`, and only the callbacks after them see the values."""
+
+    def __init__(self, model):
+        self.original, self.callbacks = model.train_function, []
+        self.calls, self.calls_per_epoch, self.started = 0, None, False
+
+    @classmethod
+    def attach(cls, callback):
+        """Register `callback` (at `on_train_begin`, when fit has made its train function)."""
+        model = callback.model
+        hook = model.train_function if isinstance(model.train_function, cls) else cls(model)
+        if hook.started:  # left by a fit that raised before on_train_end: its callbacks are not this fit's
+            hook.callbacks, hook.started = [], False
+        steps = (callback.params or {}).get("steps")
+        hook.calls_per_epoch = math.ceil(steps / model.steps_per_execution) if steps else None
+        hook.callbacks.append(callback)
+        model.train_function = hook
+
+    @classmethod
+    def epoch_begins(cls, callback):
+        if isinstance(callback.model.train_function, cls):
+            callback.model.train_function.calls = 0
+
+    @classmethod
+    def detach(cls, callback):
+        """Unregister `callback`; the last one out puts Keras's train function back."""
+        hook = callback.model.train_function
+        if isinstance(hook, cls):
+            hook.callbacks = [c for c in hook.callbacks if c is not callback]
+            if not hook.callbacks:
+                callback.model.train_function = hook.original
+
+    def __call__(self, iterator):
+        logs = self.original(iterator)
+        self.started, self.calls = True, self.calls + 1
+        if self.calls != self.calls_per_epoch:
+            return logs
+        logs = dict(logs)
+        for callback in self.callbacks:
+            logs.update(callback.epoch_end_logs())
+        return logs
 
 
 def _parse_every(every, name):
@@ -143,6 +217,8 @@ class NTKMonitor(_Timed):
     trace kernel) to form S(t, t').
     """
 
+    logged = True
+
     def __init__(self, x_probe, y_probe=None, *, every="epoch", velocity_dt=None, trace_axes=(-1,),
                  implementation="auto", batch_size=None, test_data=None, eval_batch_size=1000, path=None,
                  keep_kernels=False, write_every=1, verbose=0):
@@ -181,12 +257,8 @@ class NTKMonitor(_Timed):
             self._attrs = results.global_attrs(self._settings(), {})
         super().on_train_begin(logs)
 
-    def on_epoch_end(self, epoch, logs=None):
-        super().on_epoch_end(epoch, logs)
-        if logs is not None:
-            logs.update(self.latest())
-
     def on_train_end(self, logs=None):
+        super().on_train_end(logs)
         self.flush()
 
     def latest(self):
@@ -267,6 +339,8 @@ class HessianMonitor(_Timed):
     lanczos_steps + num_probes Hessian-vector products over the subset, about 2-3 gradients each.
     """
 
+    logged = True
+
     def __init__(self, x, y, *, every="epoch", weight_decay=0.0, batch_size=256, strategy=None, lanczos_steps=20,
                  num_probes=20, seed=0, path=None, write_every=1, verbose=0):
         super().__init__(every, "HessianMonitor")
@@ -287,12 +361,8 @@ class HessianMonitor(_Timed):
             self._attrs = results.global_attrs(self._settings(), dict(seed=self.seed))
         super().on_train_begin(logs)
 
-    def on_epoch_end(self, epoch, logs=None):
-        super().on_epoch_end(epoch, logs)
-        if logs is not None:
-            logs.update(self.latest())
-
     def on_train_end(self, logs=None):
+        super().on_train_end(logs)
         self.flush()
 
     def latest(self):
@@ -519,10 +589,12 @@ class LandscapeProbe(keras.callbacks.Callback):
     path: NetCDF file with `pair(time, child_pair, metric)` and `path(time, child_pair, alpha, metric)`,
       spawn_a = 0 the trained model (alpha 0), spawn_b = 1 the reference (alpha 1).
 
-    Runs in the last epoch's `on_epoch_end`, so the scalars (error_barrier, loss_barrier,
+    Runs after the last epoch's last train step, so the scalars (error_barrier, loss_barrier,
     train_error_barrier, train_loss_barrier, disagreement, js_divergence, weight_distance,
-    cosine_similarity) reach History/CSVLogger with that epoch; if training stops early it runs in
-    `on_train_end` (NetCDF and `self.scalars` only). Model weights are left as trained.
+    cosine_similarity) are in that epoch's logs for every callback (History, CSVLogger, TensorBoard; NaN in
+    the epochs before); if
+    training stops early it runs in `on_train_end` (NetCDF and `self.scalars` only). Model weights are left
+    as trained.
     """
 
     def __init__(self, reference, test_data, train_data, *, alphas=11, bn="reestimate", bn_x=None,
@@ -535,13 +607,37 @@ class LandscapeProbe(keras.callbacks.Callback):
         self.bn, self.bn_x = bn, bn_x
         self.scalars, self.curves = None, None
 
+    def on_train_begin(self, logs=None):
+        self.scalars, self.curves, self._epoch = None, None, None
+        _EpochEndLogs.attach(self)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+        _EpochEndLogs.epoch_begins(self)
+
     def on_epoch_end(self, epoch, logs=None):
-        if self.params and epoch + 1 == self.params.get("epochs"):
-            self.measure(logs)
+        if self._last_epoch(epoch) and self.scalars is None:  # the epoch ended early: not measured at its last step
+            self.measure()
+        if logs is not None:
+            logs.update(self._logged(epoch))
 
     def on_train_end(self, logs=None):
+        _EpochEndLogs.detach(self)
         if self.scalars is None:
             self.measure(None)
+
+    def epoch_end_logs(self):
+        """Measure after the last epoch's last step (called by `_EpochEndLogs`); the values for the epoch's logs."""
+        if self._last_epoch(self._epoch):
+            self.measure()
+        return self._logged(self._epoch)
+
+    def _logged(self, epoch):
+        """The scalars in the last epoch, NaN before it (CSVLogger fixes its columns at the first epoch)."""
+        return dict(self.scalars) if self._last_epoch(epoch) else dict.fromkeys(LANDSCAPE_LOG_KEYS, float("nan"))
+
+    def _last_epoch(self, epoch):
+        return bool(self.params) and epoch is not None and epoch + 1 == self.params.get("epochs")
 
     def measure(self, logs=None):
         """Compare the current weights with the reference now; returns the scalars (also into logs, path)."""

@@ -1,12 +1,13 @@
 """The `kerasntk` command: run | train | ntk | linearize | spawn | job | check | merge | report | export | doctor."""
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
+import tempfile
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from kerasntk import __version__  # noqa: E402  (the package's face imports nothing heavy)
 
@@ -107,6 +108,7 @@ def main(argv=None):
         from kerasntk import doctor
 
         return doctor.run(args.tpu, args.data_dir, args.out)
+    _load_tensorflow(noisy=args.verbose)
     from kerasntk import config as cfg
     from kerasntk import data, errors, training
     from kerasntk.experiment import JobFailed
@@ -124,6 +126,44 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("kerasntk: interrupted; run the same command again to resume where it stopped", file=sys.stderr)
         return 130
+
+
+def _load_tensorflow(noisy):
+    """Import TensorFlow and find its devices; unless `noisy` (-v), keep its start-up lines off stderr.
+
+    Its C++ core prints oneDNN and CUDA notices before absl logging is initialized (TF_CPP_MIN_LOG_LEVEL cannot
+    hold them back) and the cuInit error of a machine without a GPU when it first looks for devices, so stderr
+    goes to a temporary file meanwhile. After that, TF_CPP_MIN_LOG_LEVEL=2 keeps C++ info and warnings out and
+    TensorFlow's Python logger shows errors only.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if noisy else "2")
+    quiet = not noisy and "tensorflow" not in sys.modules
+    with _stderr_captured() if quiet else contextlib.nullcontext():
+        import tensorflow as tf
+
+        tf.config.list_physical_devices()
+    if not noisy:
+        logging.getLogger("tensorflow").setLevel(logging.ERROR)
+
+
+@contextlib.contextmanager
+def _stderr_captured():
+    """File descriptor 2 (what C++ writes to) points to a temporary file in the block; its text is shown only if
+    the block raises."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            captured.seek(0)
+            sys.stderr.write(captured.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def _dispatch(args, verbose):

@@ -11,10 +11,10 @@ import numpy as np
 import tensorflow as tf
 
 from kerasntk import config as cfg
-from kerasntk import data
+from kerasntk import data, summaries
 from kerasntk.evaluation import Evaluator
 from kerasntk.linearized import linearize
-from kerasntk.training import Diverged
+from kerasntk.training import Diverged, EpochLines
 
 
 def validation_split(arrays, n, seed):
@@ -26,10 +26,10 @@ def validation_split(arrays, n, seed):
     return train, (arrays.x_train[held], arrays.y_train[held])
 
 
-def fit_linearized(model, weights, arrays, config, job, strategy, verbose=1):
+def fit_linearized(model, weights, arrays, config, job, strategy, verbose=1, summary_dir=None):
     """Train f(x; w_t) + J(x; w_t)·Δw (Δw from 0, softmax cross-entropy, SGD with momentum) and return
     {linearized_test_error (best over epochs, the paper's number), linearized_val_selected_test_error,
-    linearized_test_loss (at the selected epoch)}."""
+    linearized_test_loss (at the selected epoch)}. Each epoch's row also goes to `summary_dir` (TensorBoard)."""
     lc = config.linearize
     train_arrays, (x_val, y_val) = validation_split(arrays, lc.validation_examples, config.train.data_seed)
     steps_per_epoch = data.steps_per_epoch(train_arrays, lc.batch_size)
@@ -42,27 +42,32 @@ def fit_linearized(model, weights, arrays, config, job, strategy, verbose=1):
     with strategy.scope():
         lin = linearize(model, weights=weights)
         optimizer = keras.optimizers.SGD(lc.lr, momentum=lc.momentum)
-        lin.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        lin.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                    metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
         lin.build(model.input_shape)
         optimizer.build(lin.trainable_variables)
     checkpoint = tf.train.Checkpoint(model=lin, optimizer=optimizer)
     evaluator = Evaluator(lin, config.train.eval_batch_size, strategy=strategy)
     history = _restore(job, checkpoint)
+    lines = EpochLines(verbose)
     for epoch in range(len(history), epochs):
         batches = data.train_batches(train_arrays, batch_size=lc.batch_size, epoch=epoch,
                                      order_seed=config.train.data_seed, augment_seed=config.train.augment_seed,
                                      augment=config.data.augment)
-        loss = lin.fit(batches, epochs=1, shuffle=False, verbose=0).history["loss"][-1]
+        fitted = lin.fit(batches, epochs=1, shuffle=False, verbose=0).history
+        loss = fitted["loss"][-1]
         if not np.isfinite(loss):  # checked once per epoch: a NaN model must not be measured or checkpointed
             raise Diverged(f"the linearized network of {job.path} has a non-finite training loss in epoch "
                            f"{epoch + 1}; lower linearize.lr")
         test = evaluator(arrays.x_test, arrays.y_test)
         val = evaluator(x_val, y_val)
         history.append(dict(epoch=epoch + 1, test_error=test["error"], test_loss=test["loss"],
-                            val_error=val["error"]))
-        if verbose:
-            print(f"  linearized epoch {epoch + 1}/{epochs}: test error {test['error']:.4f} "
-                  f"(validation {val['error']:.4f})", flush=True)
+                            val_error=val["error"], train_loss=loss, train_error=1 - fitted["accuracy"][-1],
+                            lr=lc.lr))
+        lines(f"  linearized epoch {epoch + 1}/{epochs}: test error {test['error']:.4f} "
+              f"(validation {val['error']:.4f})", last=epoch + 1 == epochs)
+        if summary_dir:  # before the resume checkpoint, as the trainer does
+            summaries.write_epoch(summary_dir, int(optimizer.iterations.numpy()), history[-1])
         job.write_history(history)
         job.save_checkpoint(checkpoint, int(optimizer.iterations.numpy()), dict(epoch=epoch + 1), kind="resume")
     selected = min(history, key=lambda h: (h["val_error"], h["epoch"]))

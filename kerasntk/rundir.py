@@ -8,6 +8,7 @@
     RUN/results/{parent,linearized_s*,child_s*_c*,pair_s*}.nc   one NetCDF file per measurement job
     RUN/results.nc, RUN/figures/*.png|pdf             merged results and figures
     RUN/failed/<job>.json                             why a job failed (removed when it succeeds)
+    RUN/tensorboard/<job id>/events.out.tfevents.*    TensorBoard event files, one run per job (`summaries`)
 
     JOB/checkpoints/step_XXXXXXXX/{ckpt.*,meta.json}  permanent checkpoints (model, optimizer, step) on the grid;
                                                       meta.json also records every file's size and SHA-256
@@ -271,6 +272,10 @@ class RunDir:
         folder = fs.join(self.root, "failed")
         stored = [fs.read_json(fs.join(folder, n)) for n in fs.listdir(folder) if n.endswith(".json") and not n.startswith(".")]
         return {f["job"]: f for f in stored}
+
+    def tensorboard(self, job_id=None):
+        """RUN/tensorboard (`tensorboard --logdir` it), or the event-file directory of job `job_id` in it."""
+        return fs.join(self.root, "tensorboard", *([job_id] if job_id else []))
 
     @property
     def merged(self):

@@ -11,6 +11,7 @@ import math
 import os
 import random
 import signal
+import sys
 import threading
 import time
 
@@ -18,7 +19,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from kerasntk import data, faults, models
+from kerasntk import data, faults, models, summaries
 from kerasntk.evaluation import Evaluator
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,23 @@ class Schedule(keras.optimizers.schedules.LearningRateSchedule):
                     warmup_steps=self.warmup_steps, milestones=self.milestones, gamma=self.gamma)
 
 
+class EpochLines:
+    """A job's per-epoch lines: every epoch on a terminal or with verbose 2 (-v); into a file or a pipe, the last
+    epoch and otherwise at most one line per `every` seconds, so a log grows with wall time, not with jobs × epochs
+    (the default run has ~700 child and linearized epochs; every epoch is in history.json and TensorBoard)."""
+
+    def __init__(self, verbose, every=30.0):
+        self.verbose, self.every = verbose, every
+        self.each = verbose > 1 or sys.stdout.isatty()
+        self.printed = time.monotonic()
+
+    def __call__(self, line, last):
+        now = time.monotonic()
+        if self.verbose and (self.each or last or now - self.printed >= self.every):
+            print(line, flush=True)
+            self.printed = now
+
+
 class Preempted(RuntimeError):
     """Training stopped on SIGTERM after saving a resume checkpoint; run the job again to continue."""
 
@@ -68,14 +86,16 @@ class Trainer:
     train: the config's train section (batch size, weight decay, steps per execution, XLA, eval batch).
     total_steps, steps_per_epoch: from the run's `Grid`. augment: the data section's augmentation setting.
     data_seed, augment_seed: this network's seeds (children have their own).
-    name: how log lines and errors name the job.
+    name: how log lines and errors name the job. summary_dir: where each epoch's row also goes as a TensorBoard
+    event file (`summaries.write_epoch`; None: nowhere).
     """
 
     def __init__(self, model, optimizer, arrays, job, *, train, total_steps, steps_per_epoch, data_seed,
-                 augment_seed, augment=None, strategy=None, name="training"):
+                 augment_seed, augment=None, strategy=None, name="training", summary_dir=None):
         self.model, self.optimizer, self.arrays, self.job, self.train_config = model, optimizer, arrays, job, train
         self.total_steps, self.steps_per_epoch = int(total_steps), int(steps_per_epoch)
         self.data_seed, self.augment_seed, self.augment, self.name = int(data_seed), int(augment_seed), augment, name
+        self.summary_dir = summary_dir
         self.strategy = strategy or tf.distribute.get_strategy()
         self.checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer)
         self.history = []
@@ -147,13 +167,14 @@ class Trainer:
         save_steps = sorted(set(s for s in save_steps if self.step <= s <= until))
         if self.step in save_steps:
             self.save_grid_checkpoint()
+        lines = EpochLines(verbose)
         with deterministic_ops(self.train_config.deterministic), _sigterm_flag() as stop:
             while self.step < until:
                 epoch, batch = divmod(self.step, self.steps_per_epoch)
                 epoch_end = min((epoch + 1) * self.steps_per_epoch, until)
                 self._train_epoch_part(epoch, batch, epoch_end, save_steps, verbose, stop)
                 if self.step % self.steps_per_epoch == 0 or self.step == self.total_steps:
-                    self._end_epoch(verbose)
+                    self._end_epoch(lines)
         return self.history
 
     def _train_epoch_part(self, epoch, batch, stop_step, save_steps, verbose, stop):
@@ -162,7 +183,9 @@ class Trainer:
         batches = data.train_batches(self.arrays, batch_size=t.batch_size, epoch=epoch, order_seed=self.data_seed,
                                      augment_seed=self.augment_seed, start_batch=batch, augment=self.augment)
         iterator = iter(self.strategy.experimental_distribute_dataset(batches))
-        bar = keras.utils.Progbar(self.steps_per_epoch, verbose=verbose, unit_name="step") if verbose else None
+        # Keras's bar redraws with \r and ANSI codes wherever it writes: only on a terminal (else the epoch line)
+        interactive = verbose and sys.stdout.isatty()
+        bar = keras.utils.Progbar(self.steps_per_epoch, verbose=verbose, unit_name="step") if interactive else None
         while self.step < stop_step:
             next_save = min([s for s in save_steps if s > self.step] + [stop_step])
             n = min(t.steps_per_execution, next_save - self.step)
@@ -191,7 +214,7 @@ class Trainer:
                        f"(epoch {self.epoch(first_step):.3f}); last finite loss {last}; lower train.lr "
                        "or add train.warmup")
 
-    def _end_epoch(self, verbose):
+    def _end_epoch(self, lines):
         test = self.evaluator(self.arrays.x_test, self.arrays.y_test)
         totals, self._partial = self._partial, np.zeros(3)
         row = dict(epoch=self.epoch(), step=self.step, lr=float(self.optimizer.learning_rate.numpy()),
@@ -199,10 +222,11 @@ class Trainer:
                    test_loss=test["loss"], test_error=test["error"], wall_time=time.time())
         # one row per epoch end, replacing a row of the same step (a resumed job recomputes the same row)
         self.history = sorted([h for h in self.history if h["step"] != row["step"]] + [row], key=lambda h: h["step"])
-        if verbose:
-            print(f"epoch {self.epoch():g}/{self.epoch(self.total_steps):g}: "
-                  f"train loss {row['train_loss']:.4f} error {row['train_error']:.4f} | "
-                  f"test loss {row['test_loss']:.4f} error {row['test_error']:.4f}", flush=True)
+        lines(f"epoch {self.epoch():g}/{self.epoch(self.total_steps):g}: "
+              f"train loss {row['train_loss']:.4f} error {row['train_error']:.4f} | "
+              f"test loss {row['test_loss']:.4f} error {row['test_error']:.4f}", last=self.step == self.total_steps)
+        if self.summary_dir:  # before the resume checkpoint: a job killed in between rewrites the same file
+            summaries.write_epoch(self.summary_dir, self.step, row)
         self._save_resume()
 
     # -- compiled functions -----------------------------------------------------------------------------
@@ -294,15 +318,17 @@ def build_model_and_optimizer(config, arrays, grid, strategy):
     return model, optimizer
 
 
-def build_trainer(config, arrays, grid, job, strategy, *, data_seed=None, augment_seed=None, name="training"):
+def build_trainer(config, arrays, grid, job, strategy, *, data_seed=None, augment_seed=None, name="training",
+                  summary_dir=None):
     """A Trainer of the config's seeded model and optimizer on `arrays`, with the times of `grid` (a Grid),
-    writing to `job` (a JobDir); seeds default to the config's (children pass their own)."""
+    writing to `job` (a JobDir) and TensorBoard files to `summary_dir`; seeds default to the config's (children
+    pass their own)."""
     t = config.train
     model, optimizer = build_model_and_optimizer(config, arrays, grid, strategy)
     return Trainer(model, optimizer, arrays, job, train=t, total_steps=grid.total,
                    steps_per_epoch=grid.steps_per_epoch, data_seed=t.data_seed if data_seed is None else data_seed,
                    augment_seed=t.augment_seed if augment_seed is None else augment_seed,
-                   augment=config.data.augment, strategy=strategy, name=name)
+                   augment=config.data.augment, strategy=strategy, name=name, summary_dir=summary_dir)
 
 
 @contextlib.contextmanager

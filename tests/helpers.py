@@ -93,3 +93,25 @@ def randomize(model, seed=0):
         value = rng.uniform(0.5, 1.5, w.shape) if "variance" in w.path else rng.normal(scale=scale, size=w.shape)
         w.assign(value)
     return model
+
+
+def tensorboard_scalars(directory):
+    """{tag: {step: value}} of every scalar in the TensorBoard event files of `directory` (one run), read with
+    TensorFlow's own event reader."""
+    import tensorflow as tf
+
+    scalars = {}
+    for path in sorted(pathlib.Path(directory).glob("*tfevents*")):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            for value in event.summary.value:
+                number = tf.make_ndarray(value.tensor) if value.HasField("tensor") else np.float32(value.simple_value)
+                if number.ndim == 0 and number.dtype.kind == "f":  # not Keras's model graph, a string
+                    scalars.setdefault(value.tag, {})[event.step] = float(number)
+    return scalars
+
+
+def tensorboard_runs(root):
+    """{run name (its directory under `root`): tensorboard_scalars} of every TensorBoard run under `root`."""
+    root = pathlib.Path(root)
+    folders = sorted({path.parent for path in root.rglob("*tfevents*")})
+    return {str(folder.relative_to(root)): tensorboard_scalars(folder) for folder in folders}

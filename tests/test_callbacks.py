@@ -1,5 +1,6 @@
 """Tests of kerasntk.callbacks under model.fit: values against kerasntk.ntk / numpy, interruption, spawning."""
 
+import csv
 import importlib.util
 import os
 import subprocess
@@ -12,6 +13,7 @@ import tensorflow as tf
 import xarray as xr
 from keras.src.utils.python_utils import is_default  # what Keras checks before dispatching batches async
 
+from helpers import tensorboard_scalars
 from kerasntk import callbacks, data, landscape, ntk
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -314,8 +316,9 @@ def test_landscape_probe_against_a_sibling_run(arrays, tmp_path):
 
     scalars, curves = landscape.compare(model, model.get_weights(), sibling.get_weights(), x_test=x_test,
                                         y_test=y_test, x_train=x, y_train=y, alphas=np.linspace(0, 1, 5))
-    for name in ("error_barrier", "loss_barrier", "disagreement", "weight_distance"):
-        assert history.history[name] == [pytest.approx(scalars[name], rel=1e-6, abs=1e-9)]
+    for name in callbacks.LANDSCAPE_LOG_KEYS:  # NaN in the first epoch: CSVLogger fixes its columns there
+        assert np.isnan(history.history[name][0])
+        assert history.history[name][1:] == [pytest.approx(scalars[name], rel=1e-6, abs=1e-9)]
     # independent checks: disagreement from argmax, distance from the flat weight vectors
     pred = lambda m: m.predict(x_test, verbose=0).argmax(-1)  # noqa: E731
     assert probe.scalars["disagreement"] == pytest.approx(np.mean(pred(model) != pred(sibling)))
@@ -337,7 +340,7 @@ def test_landscape_probe_with_checkpoint_reference_under_mirrored(arrays, tmp_pa
     probe = callbacks.LandscapeProbe(start, (x_test, y_test), (x, y), alphas=3)
     history = model.fit(x, y, batch_size=BATCH, epochs=2, verbose=0, callbacks=[spawner, probe])
     flat = lambda ws: np.concatenate([w.ravel() for w in ws])  # noqa: E731
-    assert history.history["weight_distance"][0] == pytest.approx(
+    assert history.history["weight_distance"][-1] == pytest.approx(
         np.linalg.norm(flat(model.get_weights()) - flat(w0)), rel=1e-5)
 
 
@@ -350,8 +353,40 @@ def test_example_main_runs_with_tiny_settings(tmp_path):
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
     history = example.main(epochs=2, train_examples=256, batch_size=64, out=str(tmp_path))
-    assert len(history.history["ntk_velocity"]) == 2 and len(history.history["error_barrier"]) == 1
+    assert len(history.history["ntk_velocity"]) == 2
+    barrier = history.history["error_barrier"]  # NaN until the probe measures after the last epoch
+    assert len(barrier) == 2 and np.isnan(barrier[0]) and 0 <= barrier[1] <= 1
     assert xr.load_dataset(tmp_path / "ntk.nc").sizes["time"] == 3
     assert xr.load_dataset(tmp_path / "landscape.nc")["pair"].sel(metric="error_barrier").notnull().all()
     assert sorted(os.listdir(tmp_path / "run" / "parent" / "checkpoints")) == [
         f"step_{s:08d}" for s in (0, 2, 4, 8)]
+
+
+# -- logs for every callback ------------------------------------------------------------------------------
+
+
+def test_monitor_and_probe_values_reach_tensorboard_and_csvlogger_before_them(arrays, tmp_path):
+    """NTKMonitor and LandscapeProbe after keras.callbacks.TensorBoard and CSVLogger in the list: both record
+    the values of that epoch (as History, last in the list, does)."""
+    x, y, x_test, y_test = arrays
+    sibling = tiny_model(seed=1)
+    board = keras.callbacks.TensorBoard(str(tmp_path / "logs"))
+    csv_logger = keras.callbacks.CSVLogger(str(tmp_path / "log.csv"))
+    monitor = callbacks.NTKMonitor(x_test[:16], y_test[:16])
+    probe = callbacks.LandscapeProbe(sibling.get_weights(), (x_test, y_test), (x, y), alphas=3)
+    model = tiny_model()
+    history = model.fit(x, y, batch_size=BATCH, epochs=2, verbose=0,
+                        callbacks=[board, csv_logger, monitor, probe]).history
+    assert model.train_function is not None and not isinstance(model.train_function, callbacks._EpochEndLogs)
+
+    assert len(monitor.rows) == 3  # at the start and after each of the 2 epochs
+    nan = float("nan")
+    expected = {key: [row[key] for row in monitor.rows[1:]] for key in callbacks.LOG_KEYS}
+    expected.update({key: [nan, probe.scalars[key]] for key in callbacks.LANDSCAPE_LOG_KEYS})
+    with open(tmp_path / "log.csv") as f:
+        rows = list(csv.DictReader(f))
+    board = tensorboard_scalars(tmp_path / "logs" / "train")
+    for key, values in expected.items():
+        np.testing.assert_allclose(history[key], values, rtol=1e-6)
+        np.testing.assert_allclose([float(row[key]) for row in rows], values, rtol=1e-6)
+        np.testing.assert_allclose([board[f"epoch_{key}"][epoch] for epoch in (0, 1)], values, rtol=1e-6)

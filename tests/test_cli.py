@@ -83,3 +83,23 @@ def test_bad_input_is_exit_status_2_and_one_error_line(case, tmp_path, npz, caps
     assert len(lines) == 1 and names in lines[0], err
     assert not [line for line in err.splitlines() if line.strip() and not line.startswith(("kerasntk: error:", "[kerasntk]"))
                 and "WARNING" not in line and "I0000" not in line and "E0000" not in line], err
+
+
+def test_a_log_file_gets_plain_lines_and_no_tensorflow_start_up_noise(tmp_path, npz):
+    """`kerasntk train > log 2>&1` on the tiny config: plain epoch lines (the last epoch's always, others at most
+    every 30 s), no carriage return or ANSI escape (Keras's progress bar is for terminals), none of TensorFlow's
+    C++ start-up lines (without -v)."""
+    from helpers import tiny
+
+    sets = [arg for item in tiny(npz) for arg in ("--set", item)]
+    with open(tmp_path / "log", "wb") as log:
+        done = subprocess.run([sys.executable, "-m", "kerasntk", "train", *sets, "--out", str(tmp_path / "run")],
+                              stdout=log, stderr=subprocess.STDOUT, timeout=600, cwd=tmp_path)
+    text = (tmp_path / "log").read_text()
+    assert done.returncode == 0, text
+    assert "\r" not in text and "\x1b" not in text
+    epochs = [line.split(":")[0] for line in text.splitlines() if line.startswith("epoch ")]
+    assert epochs[-1] == "epoch 2/2" and set(epochs) <= {"epoch 1/2", "epoch 2/2"} and len(set(epochs)) == len(epochs)
+    noise = [line for line in text.splitlines() if line[:5] in ("I0000", "E0000", "W0000")
+             or any(mark in line for mark in ("absl::InitializeLog", "oneDNN", "cuInit"))]
+    assert not noise, noise

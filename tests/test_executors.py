@@ -10,7 +10,7 @@ from kerasntk import experiment, fs
 from kerasntk.experiment import Grid, JobFailed, job_graph
 from kerasntk.experiment.progress import Progress
 from gcs import gcs_bucket, gcs_dir  # noqa: F401  (fixtures)
-from helpers import result_arrays, temporary_files, tiny
+from helpers import result_arrays, tensorboard_runs, temporary_files, tiny
 
 
 def test_job_graph_is_a_pure_function_of_config_and_grid(npz):
@@ -152,3 +152,5 @@ def test_every_verb_on_a_gs_run_directory_equals_kerasntk_run(gcs_dir, npz, clea
     a, b = result_arrays(clean_run[1] / "results.nc"), result_arrays(fs.join(gcs_dir, "results.nc"))
     for name in a:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    with fs.local_dir(fs.join(gcs_dir, "tensorboard")) as board:  # event files uploaded through kerasntk.fs
+        assert tensorboard_runs(board) == tensorboard_runs(clean_run[1] / "tensorboard")

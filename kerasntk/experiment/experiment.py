@@ -12,7 +12,7 @@ import numpy as np
 import tensorflow as tf
 
 from kerasntk import config as cfg
-from kerasntk import data, fs, hessian, kernel_learning, landscape, models, ntk, plots, results, rundir, training
+from kerasntk import data, fs, hessian, kernel_learning, landscape, models, ntk, plots, results, rundir, summaries, training
 from kerasntk.evaluation import Evaluator
 from kerasntk.experiment import jobs as graph
 from kerasntk.experiment.grid import Grid
@@ -94,6 +94,7 @@ class Experiment:
         try:
             with training.deterministic_ops(self.config.train.deterministic):  # on for our jobs only
                 body(*args)
+            summaries.write_job_results(self.run, job)
         except training.Preempted:
             raise
         except Exception as err:
@@ -160,7 +161,7 @@ class Experiment:
     def train_parent(self):
         """Train (or resume) the parent, saving every grid checkpoint."""
         parent = training.build_trainer(self.config, self.arrays, self.grid, self.run.parent, self.strategy,
-                                        name="parent")
+                                        name="parent", summary_dir=self.run.tensorboard("parent"))
         missing = [s for s in self.grid.checkpoints if not self.run.parent.has_checkpoint(s)]
         parent.restore(before=missing[0])  # a grid checkpoint removed as damaged is re-created from the one before
         self._say(f"parent: training to step {missing[-1]} of {self.grid.total}, "
@@ -267,7 +268,8 @@ class Experiment:
         self._say(f"linearized network from the parent at epoch {self.grid.epochs(step):g}")
         weights = self.weights_at(self.run.parent, step)
         metrics = kernel_learning.fit_linearized(self.model, weights, self.arrays, self.config,
-                                                 self.run.linearized(step), self.strategy, verbose=self.verbose)
+                                                 self.run.linearized(step), self.strategy, verbose=self.verbose,
+                                                 summary_dir=self.run.tensorboard(graph.job_id("linearized", step)))
         results.write_atomic(results.parent_dataset([step], [self.grid.epochs(step)],
                                                     {k: np.array([v]) for k, v in metrics.items()},
                                                     requested_times=[self.grid.requested_time(step)],
@@ -285,8 +287,10 @@ class Experiment:
         self._require_parent_checkpoint(step)
         job = self.run.child(step, child)
         data_seed, augment_seed = child_seeds(self.config, step, child)
+        job_id = graph.job_id("child", step, child)
         trainer = training.build_trainer(self.config, self.arrays, self.grid, job, self.strategy, data_seed=data_seed,
-                                         augment_seed=augment_seed, name=graph.job_id("child", step, child))
+                                         augment_seed=augment_seed, name=job_id,
+                                         summary_dir=self.run.tensorboard(job_id))
         trainer.restore(start_from=(self.run.parent, step), reset_momentum=self.config.spawn.reset_momentum)
         self._say(f"child {child} spawned at epoch {self.grid.epochs(step):g}: training to the end")
         try:
