@@ -148,8 +148,8 @@ def atomic_file(path, sealed=False):
     try:
         try:
             yield tmp
-        except OSError as err:  # a write that failed in the caller (a full disk): name the file it was for
-            if err.filename is None and err.errno:
+        except OSError as err:  # a write to the temporary file failed (a full disk): name the file it was for
+            if err.errno and (err.filename in (None, tmp) or err.filename2 == tmp):  # shutil names source, target
                 raise OSError(err.errno, err.strerror, path) from err
             raise
         if sealed:

@@ -379,9 +379,11 @@ def test_monitor_and_probe_values_reach_tensorboard_and_csvlogger_before_them(ar
                         callbacks=[board, csv_logger, monitor, probe]).history
     assert model.train_function is not None and not isinstance(model.train_function, callbacks._EpochEndLogs)
 
-    assert len(monitor.rows) == 3  # at the start and after each of the 2 epochs
+    assert len(monitor.steps) == 3  # at the start and after each of the 2 epochs
     nan = float("nan")
-    expected = {key: [row[key] for row in monitor.rows[1:]] for key in callbacks.LOG_KEYS}
+    m = monitor.trajectory.metrics()  # after epoch e (measurement e + 1): the velocity known, v(t_e)
+    expected = dict(ntk_velocity=m["kernel_velocity"][:2], ntk_distance_from_init=m["kernel_distance_from_init"][1:],
+                    ntk_alignment=m["kernel_alignment"][1:], ntk_effective_rank=m["kernel_effective_rank"][1:])
     expected.update({key: [nan, probe.scalars[key]] for key in callbacks.LANDSCAPE_LOG_KEYS})
     with open(tmp_path / "log.csv") as f:
         rows = list(csv.DictReader(f))

@@ -20,8 +20,9 @@ def _block(language, marker):
 
 
 def test_every_block_is_covered_here():
-    markers = {"python": ["xr.open_dataset", "results.by_metric", "kn.config.load", "SpawnCheckpoint"],
-               "bash": ["pip install -e . && kerasntk run", "ray start --head", "LIBTPU="]}
+    markers = {"python": ["xr.open_dataset", "results.by_metric", "kn.load_model", "kn.config.load", "SpawnCheckpoint"],
+               "bash": ["pip install -e . && kerasntk run", "tensorboard --logdir", "ray start --head",
+                        'pip install -e ".[tpu]"']}
     assert sorted((lang, m) for lang, ms in markers.items() for m in ms for code in [_block(lang, m)]) and \
         len(BLOCKS) == sum(map(len, markers.values()))
 
@@ -38,6 +39,19 @@ def test_results_blocks_run_on_the_suites_run(clean_run):
     assert scope["ds"].sizes["time"] > 0
     exec(second, scope)
     assert scope["runs"].sizes["run"] == 2
+
+
+def test_models_from_runs_block_runs_on_the_suites_run(clean_run):
+    """As written but for the run's path: the tiny run has a checkpoint at epoch 2 and a spawn time 0.5."""
+    scope = {}
+    exec(_block("python", "kn.load_model").replace("runs/<run>", str(clean_run[1])), scope)
+    assert scope["parent"].count_params() == scope["child"].count_params() > 0
+
+
+def test_tensorboard_block_points_at_what_a_run_writes(clean_run):
+    """`tensorboard --logdir runs/<run>/tensorboard` (a server: not started here) names a directory a run fills."""
+    logdir = _block("bash", "tensorboard --logdir").split("--logdir", 1)[1].split()[0]
+    assert os.listdir(logdir.replace("runs/<run>", str(clean_run[1])))
 
 
 def test_callbacks_block_runs_as_written(tmp_path, monkeypatch):
@@ -75,7 +89,7 @@ def test_python_api_block_runs(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("marker, needs", [("pip install -e . && kerasntk run", "the network (pip) and ~5 min"),
                                            ("ray start --head", "Cloud TPU VMs, a Ray cluster and a gs:// bucket"),
-                                           ("LIBTPU=", "a Cloud TPU VM and the network")])
+                                           ('pip install -e ".[tpu]"', "a Cloud TPU VM and the network")])
 def test_shell_blocks_commands_parse(marker, needs):
     """Each `kerasntk` command of a shell block is accepted by the CLI's parser (verbs and flags exist); running
     the block needs {needs}, so it is not run here."""

@@ -229,7 +229,7 @@ def test_the_chunk_function_traces_once_over_several_epochs_and_chunk_lengths(tm
     trainer.train(save_steps=[2], verbose=0)
     assert trainer.step == 12 and calls == [2, 2, 3, 1, 3, 1]
     assert chunk.experimental_get_tracing_count() == 1
-    assert trainer._eval_batch.experimental_get_tracing_count() == 1
+    assert [f.experimental_get_tracing_count() for f in trainer.evaluator._functions.values()] == [1]
 
 
 # -- process-wide switches are kerasntk's only while it works ---------------------------------------------------
