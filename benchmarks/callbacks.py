@@ -59,11 +59,13 @@ def main(epochs, rounds, calls):
     bookkeeping = [(a - b) / calls for a, b in zip(parts.a, parts.b)]
     print(f"\n{rounds} rounds, median (min-max)")
     print("| comparison | per round | ratio | load |\n|---|---|---|---|")
-    print(f"| fit with / without NTKMonitor | {epochs} epochs, {per_fit:g} measurements | {fits.ratio()} | {fits.load()} |")
+    print(f"| fit with / without NTKMonitor | {epochs} epochs, {per_fit:g} measurements | {fits.ratio()} "
+          f"| {fits.load()} |")
     print(f"| measurement / kernel alone | {calls} calls | {parts.ratio()} | {parts.load()} |")
     print(f"\nfit without {statistics.median(fits.b):.2f} s, with {statistics.median(fits.a):.2f} s; "
           f"extra per measurement {timing.spread(extra, 3)} s")
-    print(f"kernel alone {statistics.median(parts.b) / calls:.3f} s, measurement {statistics.median(parts.a) / calls:.3f} s; "
+    print(f"kernel alone {statistics.median(parts.b) / calls:.3f} s, "
+          f"measurement {statistics.median(parts.a) / calls:.3f} s; "
           f"bookkeeping per measurement {timing.spread(bookkeeping, 3)} s")
 
 

@@ -67,7 +67,8 @@ def main():
     parser.add_argument("--probes", type=int, default=20)
     args = parser.parse_args()
     print(f"one HVP vs one gradient, same batch ({args.rounds} rounds, sides alternating); {timing.machine()}")
-    print("| model | parameters | batch | calls per side and round | HVP s | gradient s | ratio median (min-max) | load |")
+    print("| model | parameters | batch | calls per side and round | HVP s | gradient s | ratio median (min-max) "
+          "| load |")
     print("|---|---|---|---|---|---|---|---|")
     for name, (model_name, options, shape, batch, calls) in RATIO_ROWS.items():
         c, size = ratio_row(model_name, options, shape, batch, args.rounds, calls)

@@ -59,7 +59,8 @@ def main():
             side = trainer(sync, strategy, arrays, os.path.join(tmp, str(sync)), total)
             side.restore()
             sides.append(timing.timed(lambda side=side: side.train(until=side.step + args.steps, verbose=0)))
-        c = timing.interleave(*sides, args.rounds, report=lambda r, c: timing.print_round(r, c, ("synchronized", "per-replica")))
+        names = ("synchronized", "per-replica")
+        c = timing.interleave(*sides, args.rounds, report=lambda r, c: timing.print_round(r, c, names))
     print(f"\n| BatchNorm statistics | median s / {args.steps} steps |\n|---|---|\n"
           f"| synchronized | {statistics.median(c.a):.2f} |\n| per replica | {statistics.median(c.b):.2f} |")
     print(f"\nratio synchronized / per-replica: median (min-max) {c.ratio(3)} over {args.rounds} rounds; "

@@ -91,7 +91,8 @@ def main():
                          examples / statistics.median(c.b), c.ratio(), c.load()))
     print(f"\n{args.rounds} rounds per row; ratio = fit time / kerasntk time per round (> 1: kerasntk faster), "
           f"median (min-max); {timing.machine()}")
-    print("| model / data | mode | batch | keras fit ex/s | kerasntk ex/s | ratio | load |\n|---|---|---|---|---|---|---|")
+    print("| model / data | mode | batch | keras fit ex/s | kerasntk ex/s | ratio | load |")
+    print("|---|---|---|---|---|---|---|")
     for name, mode, batch, kf, kn, ratio, load in rows:
         print(f"| {name} | {mode} | {batch} | {kf:.0f} | {kn:.0f} | {ratio} | {load} |")
 
