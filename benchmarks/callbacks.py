@@ -7,6 +7,8 @@ set is the default experiment's (ntk.probe_size 128, ntk.batch_size 64). One mon
   fit:         `--epochs` epochs of fit with the monitor, then without; ratio = with / without.
   measurement: `--calls` measurements as fit triggers them (the monitor's epoch-end hook: kernel, metrics,
                bookkeeping), then as many probe-set kernels alone; ratio = measurement / kernel.
+  BLAS threads: the same measurements (on one BLAS thread, as the hook runs them), then measurements with
+               NumPy's default BLAS threads; ratio = one thread / default.
 
     python benchmarks/callbacks.py [--epochs 5] [--rounds 7] [--calls 10]
 """
@@ -53,8 +55,13 @@ def main(epochs, rounds, calls):
     def measurement():  # the epoch-end hook at a new step, as in fit
         monitor._maybe_act(monitor._last + monitor.steps_per_epoch, None, boundary=True)
 
+    def default_threads():  # the same measurement without the hook's one-BLAS-thread limit
+        monitor._act(monitor._last + monitor.steps_per_epoch, None)
+        monitor._last += monitor.steps_per_epoch
+
     kernel = lambda: monitor._ntk_fn(x_probe)
     parts = timing.interleave(timing.timed(measurement, calls), timing.timed(kernel, calls), rounds)
+    threads = timing.interleave(timing.timed(measurement, calls), timing.timed(default_threads, calls), rounds)
     extra = [(a - b) / per_fit for a, b in zip(fits.a, fits.b)]
     bookkeeping = [(a - b) / calls for a, b in zip(parts.a, parts.b)]
     print(f"\n{rounds} rounds, median (min-max)")
@@ -62,6 +69,8 @@ def main(epochs, rounds, calls):
     print(f"| fit with / without NTKMonitor | {epochs} epochs, {per_fit:g} measurements | {fits.ratio()} "
           f"| {fits.load()} |")
     print(f"| measurement / kernel alone | {calls} calls | {parts.ratio()} | {parts.load()} |")
+    print(f"| measurement, one BLAS thread / NumPy's default threads | {calls} calls | {threads.ratio()} "
+          f"| {threads.load()} |")
     print(f"\nfit without {statistics.median(fits.b):.2f} s, with {statistics.median(fits.a):.2f} s; "
           f"extra per measurement {timing.spread(extra, 3)} s")
     print(f"kernel alone {statistics.median(parts.b) / calls:.3f} s, "
