@@ -1,9 +1,9 @@
 """Wall time of a whole experiment with `--executor ray` over `--executor local`, in one run.
 
-Both sides run the same config from scratch as `kerasntk run` subprocesses, alternating (local, ray, local,
-ray, ...) so that machine drift falls on both. Ray starts a local cluster with as many workers as CPUs, one
-job per worker, `distribute.intra_op_threads` TensorFlow threads each (default 1); local runs the jobs one
-after another with TensorFlow's default threads. Ratio = ray / local (< 1: ray is faster). Also prints the
+Both sides run the same config from scratch as `kerasntk run` subprocesses, alternating (ray, local, ray,
+local, ...: benchmarks/timing.py) so that machine drift falls on both. Ray starts a local cluster with as
+many workers as CPUs, one job per worker, `distribute.intra_op_threads` TensorFlow threads each (default
+1); local runs the jobs one after another with TensorFlow's default threads. Ratio = ray / local (< 1: ray is faster). Also prints the
 per-job times of the last ray run's log, for projections to more hosts.
 
     python benchmarks/executor.py [--rounds 2] [--threads 1] [--set section.field=value ...]
@@ -17,6 +17,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+import timing  # benchmarks/timing.py
 
 
 def run(out, executor, threads, overrides):
@@ -48,20 +50,24 @@ def main():
     parser.add_argument("--threads", type=int, default=1, help="TensorFlow intra-op threads per Ray job")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
-    rows, ray_log = [], ""
+    logs = {}
+
+    def side(executor):
+        def run_once():  # from scratch, in a new run directory
+            seconds, logs[executor] = run(tempfile.mkdtemp(prefix=executor, dir=tmp), executor, args.threads,
+                                          args.overrides)
+            return seconds
+        return run_once
+
+    print(timing.machine(), flush=True)
     with tempfile.TemporaryDirectory(prefix="kerasntk-executor-") as tmp:
-        for r in range(args.rounds):
-            load = os.getloadavg()[0]
-            local, _ = run(os.path.join(tmp, f"local{r}"), "local", args.threads, args.overrides)
-            ray, ray_log = run(os.path.join(tmp, f"ray{r}"), "ray", args.threads, args.overrides)
-            rows.append((local, ray, ray / local, load))
-            print(f"round {r + 1}: local {local:7.1f} s   ray {ray:7.1f} s   ratio {ray / local:.3f}   "
-                  f"load before {load:.2f}", flush=True)
-    ratios = [row[2] for row in rows]
-    print(f"\n| executor | median wall time (s) |\n|---|---|\n| local | {statistics.median(r[0] for r in rows):.1f} |"
-          f"\n| ray ({os.cpu_count()} workers, {args.threads} thread each) | {statistics.median(r[1] for r in rows):.1f} |")
-    print(f"\nratio ray / local: median {statistics.median(ratios):.3f} (min {min(ratios):.3f}, max {max(ratios):.3f}) "
-          f"over {len(rows)} rounds; cpus {os.cpu_count()}")
+        c = timing.interleave(side("ray"), side("local"), args.rounds, warmup=0,
+                              report=lambda r, c: timing.print_round(r, c, ("ray", "local")))
+    print(f"\n| executor | median wall time (s) |\n|---|---|\n| local | {statistics.median(c.b):.1f} |"
+          f"\n| ray ({os.cpu_count()} workers, {args.threads} thread each) | {statistics.median(c.a):.1f} |")
+    print(f"\nratio ray / local: median (min-max) {c.ratio(3)} over {args.rounds} rounds; load {c.load()}; "
+          f"{timing.machine()}")
+    ray_log = logs.get("ray", "")
     times = job_times(ray_log)
     if times:
         kinds = {}

@@ -5,9 +5,9 @@ batch, and the cost of the curvature measurements per checkpoint at the default 
     python benchmarks/hessian.py --rounds 8
 
 Ratio table: `hvp_fn` and `gradient_fn` (the same blocked, strategy-spread machinery, one block of the
-batch), float32, random weights; each round times a row's number of calls of one side, then of the other
-(the order alternates between rounds) after an untimed first call (tracing). Reported: the median time per
-side over all calls, and the ratio HVP / gradient of each round's medians: its median and min-max over rounds.
+batch), float32, random weights; after a warm-up round each (tracing), each round times a row's number of
+calls of HVPs, then of gradients (benchmarks/timing.py). Reported: the median time per call of each side,
+and the ratio HVP / gradient of each round: its median and min-max over rounds.
 
 Per-checkpoint table: top-1 eigenvalue by `--lanczos-steps` Lanczos steps plus the trace by `--probes`
 Hutchinson probes, on a subset of `--subset` mnist1d training examples in blocks of `--batch`, the default
@@ -16,7 +16,7 @@ run's model (cnn1d); median and min-max over rounds.
 
 import argparse
 import os
-import time
+import statistics
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -26,23 +26,16 @@ import numpy as np  # noqa: E402
 
 from kerasntk import data, hessian, models  # noqa: E402
 
-RATIO_ROWS = {  # name: (zoo model, options, input shape, batch, calls per side and round: ~0.5 s or more)
-    "cnn1d (mnist1d, default run)": ("cnn1d", {}, (40, 1), 512, 40),
+import timing  # noqa: E402  (benchmarks/timing.py)
+
+RATIO_ROWS = {  # name: (zoo model, options, input shape, batch, calls per side and round: ~1 s or more)
+    "cnn1d (mnist1d, default run)": ("cnn1d", {}, (40, 1), 512, 100),
     "ResNet-20 (CIFAR-10 shape, BN)": ("resnet20", {}, (32, 32, 3), 128, 3),
 }
 
 
-def _timed(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
-
-
-def ratio_row(model_name, options, shape, batch, rounds, repeats):
-    """(median HVP s, median gradient s, median, min and max of the per-round ratios, parameters)."""
+def ratio_row(model_name, options, shape, batch, rounds, calls):
+    """(`timing.Comparison` of rounds of `calls` HVPs against `calls` gradients, parameters)."""
     keras.utils.set_random_seed(0)
     model = models.get(model_name, shape, 10, **options)
     rng = np.random.default_rng(0)
@@ -50,21 +43,7 @@ def ratio_row(model_name, options, shape, batch, rounds, repeats):
     hvp = hessian.hvp_fn(model, x, y, weight_decay=5e-4, batch_size=batch)
     gradient = hessian.gradient_fn(model, x, y, weight_decay=5e-4, batch_size=batch)
     v = rng.normal(size=hvp.size)
-    sides = {"hvp": lambda: hvp(v), "gradient": gradient}
-    for fn in sides.values():
-        fn()  # trace
-    times, per_round = {"hvp": [], "gradient": []}, []
-    for r in range(rounds):
-        this = {}
-        for side in (("hvp", "gradient") if r % 2 == 0 else ("gradient", "hvp")):
-            this[side] = _timed(sides[side], repeats)
-            times[side] += this[side]
-        per_round.append(np.median(this["hvp"]) / np.median(this["gradient"]))
-    return np.median(times["hvp"]), np.median(times["gradient"]), *_spread(per_round), hvp.size
-
-
-def _spread(values):
-    return np.median(values), min(values), max(values)
+    return timing.interleave(timing.timed(lambda: hvp(v), calls), timing.timed(gradient, calls), rounds), hvp.size
 
 
 def checkpoint_row(subset, batch, lanczos_steps, probes, rounds):
@@ -75,13 +54,8 @@ def checkpoint_row(subset, batch, lanczos_steps, probes, rounds):
     model = models.get("cnn1d", arrays.input_shape, arrays.num_classes)
     hvp = hessian.hvp_fn(model, x, y, weight_decay=5e-4, batch_size=batch)
     hvp(np.zeros(hvp.size))  # trace
-    seconds = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        hessian.top_eigenvalues(hvp, 1, lanczos_steps)
-        hessian.trace(hvp, probes)
-        seconds.append(time.perf_counter() - start)
-    return *_spread(seconds), hvp.size
+    measure = timing.timed(lambda: (hessian.top_eigenvalues(hvp, 1, lanczos_steps), hessian.trace(hvp, probes)))
+    return [measure() for _ in range(rounds)], hvp.size
 
 
 def main():
@@ -92,18 +66,20 @@ def main():
     parser.add_argument("--lanczos-steps", type=int, default=20)
     parser.add_argument("--probes", type=int, default=20)
     args = parser.parse_args()
-    print(f"one HVP vs one gradient, same batch ({args.rounds} rounds, sides alternating)")
-    print("| model | parameters | batch | calls per side and round | HVP s | gradient s | ratio median | ratio min-max |")
+    print(f"one HVP vs one gradient, same batch ({args.rounds} rounds, sides alternating); {timing.machine()}")
+    print("| model | parameters | batch | calls per side and round | HVP s | gradient s | ratio median (min-max) "
+          "| load |")
     print("|---|---|---|---|---|---|---|---|")
     for name, (model_name, options, shape, batch, calls) in RATIO_ROWS.items():
-        h, g, ratio, lo, hi, size = ratio_row(model_name, options, shape, batch, args.rounds, calls)
-        print(f"| {name} | {size:,} | {batch} | {calls} | {h:.4f} | {g:.4f} | {ratio:.2f} | {lo:.2f}-{hi:.2f} |",
-              flush=True)
-    median, lo, hi, size = checkpoint_row(args.subset, args.batch, args.lanczos_steps, args.probes, args.rounds)
+        c, size = ratio_row(model_name, options, shape, batch, args.rounds, calls)
+        print(f"| {name} | {size:,} | {batch} | {calls} | {statistics.median(c.a) / calls:.4f} | "
+              f"{statistics.median(c.b) / calls:.4f} | {c.ratio()} | {c.load()} |", flush=True)
+    seconds, size = checkpoint_row(args.subset, args.batch, args.lanczos_steps, args.probes, args.rounds)
+    hvps = args.lanczos_steps + args.probes
     print(f"\nper checkpoint: top-1 eigenvalue ({args.lanczos_steps} Lanczos steps) + trace ({args.probes} probes), "
           f"cnn1d ({size:,} parameters) on {args.subset} mnist1d examples in blocks of {args.batch}")
-    print(f"median {median:.2f} s, min-max {lo:.2f}-{hi:.2f} s over {args.rounds} rounds "
-          f"({args.lanczos_steps + args.probes} HVPs: {median / (args.lanczos_steps + args.probes):.3f} s each)")
+    print(f"seconds: median (min-max) {timing.spread(seconds)} over {args.rounds} rounds "
+          f"({hvps} HVPs: {statistics.median(seconds) / hvps:.3f} s each); {timing.machine()}")
 
 
 if __name__ == "__main__":

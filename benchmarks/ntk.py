@@ -8,8 +8,9 @@ neural-tangents runs in its own virtualenv (`python -m venv /tmp/ntvenv && /tmp/
 "jax[cpu]==0.4.23" "jaxlib==0.4.23" "neural-tangents==0.6.5" "numpy<2"`): this script re-runs itself with
 `--nt-worker` under that python, handing architecture, inputs and Keras weights over in an .npz. Each row
 builds the model in Keras and in `stax` (standard parameterization), asserts the kernels agree, then
-times both with compilation excluded (first call discarded). Rounds alternate the two frameworks so that
-both see the same load on a shared machine; the reported time is the median over all repeats.
+times both with compilation excluded (first call discarded). Rounds alternate the two frameworks
+(benchmarks/timing.py) so that both see the same load on a shared machine; reported: each side's median
+time per call and the ratio kerasntk / neural-tangents (best implementation) of each round, median (min-max).
 """
 
 import argparse
@@ -22,6 +23,8 @@ import tempfile
 import time
 
 import numpy as np
+
+import timing  # benchmarks/timing.py
 
 # neural-tangents implementations timed per row (1 Jacobian contraction, 3 structured derivatives): its
 # Jacobian contraction is 3-4x slower than its structured derivatives on the CNN at N=128, and takes minutes
@@ -120,26 +123,32 @@ def _run_nt(nt_python, name, model, x, repeats, workdir):
 
 
 def compare(nt_python, rows, repeats, rounds):
-    """The comparison table: kerasntk vs neural-tangents' best implementation, median times and ratio."""
-    print(f"{'row':8s} {'kerasntk s':>11s} {'NT best s':>10s} {'NT impl':>24s} {'ratio':>6s}  all NT medians")
+    """The comparison table: kerasntk vs neural-tangents' best implementation, median times and the ratio
+    kerasntk / neural-tangents of each round's `repeats` calls (benchmarks/timing.py)."""
+    print(timing.machine())
+    print(f"{'row':8s} {'kerasntk s':>11s} {'NT best s':>10s} {'NT impl':>24s} {'ratio median (min-max)':>23s} "
+          f"{'load':>8s}  all NT medians")
     with tempfile.TemporaryDirectory() as workdir:
         for name in rows:
             model, x, run = _keras_row(name, repeats)
-            ours, nt_times = [], {}
-            for _ in range(rounds):
-                times, k_ours = _median_time(run, repeats)
-                ours += times
-                times_nt, k_nt = _run_nt(nt_python, name, model, x, repeats, workdir)
-                for impl, t in times_nt.items():
+            kernels, nt_times = {"ours": run()}, {}  # the first call traces
+
+            def neural_tangents():
+                """One worker run: `repeats` calls of each implementation; the seconds of the best one."""
+                times, kernels["nt"] = _run_nt(nt_python, name, model, x, repeats, workdir)
+                for impl, t in times.items():
                     nt_times.setdefault(impl, []).extend(t)
+                return min(sum(t) for t in times.values())
+
+            c = timing.interleave(timing.timed(run, repeats), neural_tangents, rounds, warmup=0)
             # float32 in two frameworks: entries near zero differ by rounding of the large ones, hence atol
-            np.testing.assert_allclose(k_ours, k_nt, rtol=1e-4, atol=1e-4 * np.abs(k_nt).max())
+            k_nt = kernels["nt"]
+            np.testing.assert_allclose(kernels["ours"], k_nt, rtol=1e-4, atol=1e-4 * np.abs(k_nt).max())
             medians = {impl: float(np.median(t)) for impl, t in nt_times.items()}
             best = min(medians, key=medians.get)
-            ours_median = float(np.median(ours))
             detail = ", ".join(f"{NT_NAMES[i]} {t:.3f}" for i, t in medians.items())
-            print(f"{name:8s} {ours_median:11.3f} {medians[best]:10.3f} {NT_NAMES[best]:>24s} "
-                  f"{ours_median / medians[best]:6.2f}  {detail}", flush=True)
+            print(f"{name:8s} {np.median(c.a) / repeats:11.3f} {medians[best]:10.3f} {NT_NAMES[best]:>24s} "
+                  f"{c.ratio():>23s} {c.load():>8s}  {detail}", flush=True)
 
 
 # ---------------------------------------------------------------- scale

@@ -2,8 +2,8 @@
 
 ResNet-20 with BatchNorm on CIFAR-shaped synthetic data, global batch 128 split over a MirroredStrategy of
 2 logical CPU devices, plain graphs (XLA cannot span logical CPUs), op determinism off on both sides. The
-two trainers alternate rounds of `--steps` train steps (sync, per-replica, sync, ...), after a warm-up
-round each; ratio = synchronized time / per-replica time per round, median with min-max.
+two trainers alternate rounds of `--steps` train steps (sync, per-replica, sync, ...: benchmarks/timing.py),
+after a warm-up round each; ratio = synchronized time / per-replica time per round, median with min-max.
 
     python benchmarks/sync_bn.py [--rounds 6] [--steps 10]
 """
@@ -12,7 +12,6 @@ import argparse
 import os
 import statistics
 import tempfile
-import time
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -28,6 +27,8 @@ from kerasntk import config as cfg  # noqa: E402
 from kerasntk import data, training  # noqa: E402
 from kerasntk.experiment import Grid  # noqa: E402
 from kerasntk.rundir import JobDir  # noqa: E402
+
+import timing  # noqa: E402  (benchmarks/timing.py)
 
 
 def trainer(sync, strategy, arrays, job, steps):
@@ -51,25 +52,19 @@ def main():
                          name="synthetic", num_classes=10, augment=None)
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     total = args.steps * (args.rounds + 1)
+    print(timing.machine(), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        sides = {sync: trainer(sync, strategy, arrays, os.path.join(tmp, str(sync)), total) for sync in (True, False)}
-        for side in sides.values():
+        sides = []
+        for sync in (True, False):
+            side = trainer(sync, strategy, arrays, os.path.join(tmp, str(sync)), total)
             side.restore()
-            side.train(until=args.steps, verbose=0)  # warm-up: tracing
-        ratios, times = [], {True: [], False: []}
-        for r in range(1, args.rounds + 1):
-            load = os.getloadavg()[0]
-            for sync in (True, False):
-                start = time.perf_counter()
-                sides[sync].train(until=(r + 1) * args.steps, verbose=0)
-                times[sync].append(time.perf_counter() - start)
-            ratios.append(times[True][-1] / times[False][-1])
-            print(f"round {r}: synchronized {times[True][-1]:.2f} s, per-replica {times[False][-1]:.2f} s, "
-                  f"ratio {ratios[-1]:.3f}, load {load:.2f}", flush=True)
+            sides.append(timing.timed(lambda side=side: side.train(until=side.step + args.steps, verbose=0)))
+        names = ("synchronized", "per-replica")
+        c = timing.interleave(*sides, args.rounds, report=lambda r, c: timing.print_round(r, c, names))
     print(f"\n| BatchNorm statistics | median s / {args.steps} steps |\n|---|---|\n"
-          f"| synchronized | {statistics.median(times[True]):.2f} |\n| per replica | {statistics.median(times[False]):.2f} |")
-    print(f"\nratio synchronized / per-replica: median {statistics.median(ratios):.3f} "
-          f"(min {min(ratios):.3f}, max {max(ratios):.3f}) over {args.rounds} rounds")
+          f"| synchronized | {statistics.median(c.a):.2f} |\n| per replica | {statistics.median(c.b):.2f} |")
+    print(f"\nratio synchronized / per-replica: median (min-max) {c.ratio(3)} over {args.rounds} rounds; "
+          f"load {c.load()}; {timing.machine()}")
 
 
 if __name__ == "__main__":

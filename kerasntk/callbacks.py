@@ -31,6 +31,7 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from threadpoolctl import ThreadpoolController  # noqa: E402
 
 from kerasntk import config as cfg  # noqa: E402
 from kerasntk import data, fs, hessian, landscape, ntk, results, rundir, training  # noqa: E402
@@ -40,6 +41,9 @@ LOG_KEYS = ("ntk_velocity", "ntk_distance_from_init", "ntk_alignment", "ntk_effe
 HESSIAN_LOG_KEYS = ("hessian_top_eigenvalue", "hessian_trace", "hessian_trace_stderr")
 LANDSCAPE_LOG_KEYS = ("error_barrier", "loss_barrier", "train_error_barrier", "train_loss_barrier", "disagreement",
                       "js_divergence", "weight_distance", "cosine_similarity")
+# NumPy's BLAS threads on a probe-sized kernel wait on each other far longer than they compute, worst when
+# TensorFlow or other jobs hold the cores: measurements run on one BLAS thread (BENCHMARKS.md, "Callbacks")
+_BLAS = ThreadpoolController()
 
 
 # -- when to act --------------------------------------------------------------------------------------------
@@ -105,7 +109,8 @@ class _Timed(keras.callbacks.Callback):
             due = any(last < s <= step for s in self._targets)
         self._last = step
         if due:
-            self._act(step, logs)
+            with _BLAS.limit(limits=1, user_api="blas"):
+                self._act(step, logs)
 
     def _step(self):
         return int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))

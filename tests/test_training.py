@@ -90,6 +90,21 @@ def test_training_learns_and_logs_every_epoch(tmp_path):
     assert JobDir(tmp_path).checkpoint_steps() == [0, 4, trainer.total_steps]
 
 
+def test_each_trainer_traces_its_train_chunk_once_however_many_trainers_and_chunk_lengths(tmp_path):
+    # A slower fifth Trainer in one process would come from retracing or from traced work piling up across
+    # instances: each Trainer's chunk function must trace once, for every chunk length and epoch, the fifth
+    # as the first (wall-clock comparisons of the same: benchmarks/train_step.py).
+    arrays = synthetic_arrays()
+    counts = []
+    for i in range(5):
+        trainer = make_trainer(tiny_config("train.length=2ep"), str(tmp_path / str(i)), arrays)
+        trainer.restore()
+        trainer.train(save_steps=[3], verbose=0)  # chunks of 3, 5, 5 and 3 steps (5 per execution, 8 per epoch)
+        assert trainer.step == 16
+        counts.append(trainer._run_chunk.experimental_get_tracing_count())
+    assert counts == [1] * 5
+
+
 def test_same_seed_gives_bitwise_identical_weights(tmp_path):
     runs = []
     for name in ("a", "b"):
