@@ -80,6 +80,7 @@ def small_run(tmp_path_factory, npz):
     return run_dir
 
 
+@pytest.mark.slow  # ~1 min; the gs:// killed-worker test covers a retried Ray worker in the default suite
 def test_ray_retries_a_worker_killed_mid_training(tmp_path, npz, small_run, ray_cluster, monkeypatch):
     """Every job in its own Ray worker process, two at a time, and SIGKILL of the worker running child 0 of
     spawn step 4 at step 12 of 16 (mid-epoch, after its epoch-1 resume checkpoint at step 8): Ray retries the

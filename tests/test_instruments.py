@@ -119,6 +119,7 @@ def test_monitor_and_measure_parent_write_the_same_metrics_on_the_same_kernels(c
     np.testing.assert_array_equal(monitor.dataset().kernel_distance, ds.kernel_distance)
 
 
+@pytest.mark.slow  # one more tiny training; test_plots draws several runs in the default suite
 def test_replicates_run_one_directory_per_seed_and_report_mean_and_spread(clean_run, npz, tmp_path):
     """`kerasntk run --seeds 0,1`: seed 0 is the clean run (copied: its jobs are done), seed 1 trains anew."""
     _, run_dir = clean_run

@@ -315,6 +315,7 @@ def _checkpoint_weights(job_dir, step):
     return {n: reader.get_tensor(n) for n in names}
 
 
+@pytest.mark.slow  # test_experiment kills a job mid-epoch at a named point in the default suite
 def test_sigkill_mid_epoch_then_restart_is_bitwise_identical(tmp_path):
     arrays = synthetic_arrays(n_train=800)
     npz = tmp_path / "d.npz"
