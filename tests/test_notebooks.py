@@ -121,6 +121,7 @@ def test_quickstart_runs_the_experiment_and_shows_results(quickstart):
     assert json.loads(ds.attrs["config"])["spawn"]["times"] == [0, 0.25, 0.5]
 
 
+@pytest.mark.slow  # ~2 min: the paper notebook's whole experiment (ResNet-20) on mock CIFAR-10
 def test_tpu_notebook_falls_back_to_cpu_and_runs_every_job(paper):
     nb, run_dir = paper
     import xarray as xr
@@ -137,6 +138,7 @@ def test_tpu_notebook_falls_back_to_cpu_and_runs_every_job(paper):
     assert (run_dir / "figures" / "kernel_dynamics.png").exists()
 
 
+@pytest.mark.slow  # needs the run above
 def test_tpu_notebook_rerun_resumes_without_training(paper, tmp_path):
     """A second execution (after a runtime reset) finds every job done and only merges and reports."""
     nb, run_dir = paper
