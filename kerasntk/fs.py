@@ -155,8 +155,7 @@ def atomic_file(path, sealed=False):
         if sealed:
             remove(path + SEAL)  # a stale seal must not vouch for the new file while it is being renamed in
         if remote:
-            fs, p = _fs(path)
-            fs.put_file(tmp, p)
+            _put(tmp, path)
         else:
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
@@ -302,9 +301,19 @@ def _upload_dir(local, path, marker):
             if root == local and name == marker:
                 continue
             rel = os.path.relpath(os.path.join(root, name), local).replace(os.sep, "/")
-            fs.put_file(os.path.join(root, name), f"{p}/{rel}")
-    fs.put_file(os.path.join(local, marker), f"{p}/{marker}")
+            _put(os.path.join(root, name), f"{path.rstrip('/')}/{rel}")
+    _put(os.path.join(local, marker), f"{path.rstrip('/')}/{marker}")
     fs.invalidate_cache(p)
+
+
+def _put(local, path):
+    """Upload file `local` to object `path` and check the stored size: an upload the store kept shorter or
+    longer than sent (a proxy or server that mangles the request body) fails here, not at a later read."""
+    fs, p = _fs(path)
+    fs.put_file(local, p)
+    sent, stored = os.path.getsize(local), fs.size(p)
+    if stored != sent:
+        raise Damaged(path, f"the store kept {stored} of the {sent} bytes uploaded", "run the command again")
 
 
 def _fsync_dir(directory):

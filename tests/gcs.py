@@ -8,6 +8,7 @@ reach the same emulator with the same options.
 
 import copy
 import os
+import pathlib
 import socket
 import subprocess
 import sys
@@ -44,12 +45,13 @@ def _free_port():
 
 
 def _start_emulator(log_path, timeout=30.0):
-    """An emulator subprocess with an in-memory store and bucket BUCKET, once it answers; and its port."""
+    """An emulator subprocess (`gcs_emulator.py`: its uploads byte-exact) with an in-memory store and bucket
+    BUCKET, once it answers; and its port."""
     for _ in range(3):  # the free port can be taken before the emulator binds it: retry on another
         port = _free_port()
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "localhost",
+                [sys.executable, str(pathlib.Path(__file__).with_name("gcs_emulator.py")), "start", "--host", "localhost",
                  "--port", str(port), "--in-memory", "--default-bucket", BUCKET, "-q"],
                 stdout=log, stderr=subprocess.STDOUT)
         no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # as gcsfs's aiohttp
