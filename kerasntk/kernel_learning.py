@@ -78,8 +78,9 @@ def fit_linearized(model, weights, arrays, config, job, strategy, verbose=1, sum
 
 def _restore(job, checkpoint):
     """The per-epoch history of an interrupted job, with its latest checkpoint restored (empty if none)."""
-    step = job.latest_resume()
-    if step is None:
+    latest = job.latest_checkpoint(kinds=("resume",))
+    if latest is None:
         return []
-    meta = job.read_checkpoint(checkpoint, step, kind="resume")
+    step, kind = latest
+    meta = job.read_checkpoint(checkpoint, step, kind=kind)
     return job.read_history()[:meta["epoch"]]

@@ -28,6 +28,7 @@ steps ran 1.3x slower than TensorFlow's oneDNN kernels (BENCHMARKS.md, "Training
 replica runs under a strategy compiles with XLA (tests/test_ntk.py), as TPUStrategy requires.
 """
 
+import contextlib
 import os
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -53,7 +54,7 @@ FEATURE_BUDGET = 2**30  # bytes: two blocks' Jacobian features per device when n
 
 def empirical_ntk_fn(model, *, trace_axes=(-1,), implementation="auto", batch_size=None, dtype=None, strategy=None,
                      per_layer=False):
-    """A function `ntk(x1, x2=None, *, out=None)` computing the empirical NTK of `model` as numpy.
+    """A function `ntk(x1, x2=None, *, weights=None, out=None)` computing the empirical NTK of `model` as numpy.
 
     trace_axes: () for the full kernel (N1, N2, O, O); (-1,) for the trace kernel (N1, N2), averaged over logits.
     batch_size: examples per block; peak memory grows with it, not with N (None: `default_batch_size`, the
@@ -62,9 +63,10 @@ def empirical_ntk_fn(model, *, trace_axes=(-1,), implementation="auto", batch_si
       are taken in the model's own dtype (build it under `keras.config.set_floatx("float64")` for float64).
     strategy: a tf.distribute strategy whose replicas compute different block pairs (create the model
       in its scope on TPU).
-    `ntk(x1)` is Θ(x1, x1), computing only the upper block triangle. `out` may be a path ending in .npy
-    (memory-mapped array) or .nc (NetCDF) to write the kernel block by block; the lazily read kernel is
-    returned (see `open_kernel`).
+    `ntk(x1)` is Θ(x1, x1), computing only the upper block triangle. `weights`: the point to take the kernel
+    at, every weight of the model in `model.get_weights()` order (None: the weights the model holds); the
+    model's own weights are put back afterwards. `out` may be a path ending in .npy (memory-mapped array) or
+    .nc (NetCDF) to write the kernel block by block; the lazily read kernel is returned (see `open_kernel`).
     per_layer: the kernel decomposed over the layers with trainable variables, Θ = Σ_l Θ_l, along a leading
       `layer` axis (L, N1, N2[, O, O]); the function's `layer_names` name them (a nested model or a
       subclassed one counts as one layer). Not with implementation "ntk_vp".
@@ -78,8 +80,9 @@ def empirical_ntk_fn(model, *, trace_axes=(-1,), implementation="auto", batch_si
         raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
     engine = _Engine(model, implementation, trace, _check_dtype(model, dtype), bool(per_layer))
 
-    def ntk(x1, x2=None, *, out=None):
-        return engine.kernel(x1, x2, batch_size, strategy, out)
+    def ntk(x1, x2=None, *, weights=None, out=None):
+        with _at_weights(model, weights):
+            return engine.kernel(x1, x2, batch_size, strategy, out)
 
     ntk.implementation = implementation
     if per_layer:
@@ -129,6 +132,25 @@ def open_kernel(path):
 
         return xr.open_dataset(path, engine="netcdf4")["kernel"]
     raise ValueError(f"kernel path must end in .npy or .nc, got {path!r}")
+
+
+@contextlib.contextmanager
+def _at_weights(model, weights):
+    """`model` holding `weights` (a `model.get_weights()` list; None: as it is) inside, its own weights after."""
+    if weights is None:
+        yield
+        return
+    own = model.get_weights()
+    expected = [w.shape for w in own]
+    given = [np.shape(w) for w in weights]
+    if given != expected:
+        raise ValueError(f"weights must be {len(expected)} arrays shaped as model.get_weights() of "
+                         f"{model.name!r} ({expected}); got {len(given)} shaped {given}")
+    model.set_weights(weights)
+    try:
+        yield
+    finally:
+        model.set_weights(own)
 
 
 def _check_trace_axes(trace_axes):

@@ -94,10 +94,12 @@ class JobDir:
     def remove_checkpoint(self, step, kind="checkpoints"):
         fs.remove(self._checkpoint(step, kind))
 
-    def latest_resume(self):
-        """Step of the latest complete resume checkpoint, or None."""
-        steps = self.checkpoint_steps("resume")
-        return steps[-1] if steps else None
+    def latest_checkpoint(self, before=None, kinds=("checkpoints", "resume")):
+        """(step, kind) of the latest complete checkpoint of `kinds` at or before step `before` (default: any),
+        the later kind on a tie; None if there is none. What a resumed job starts from."""
+        found = [(step, kind) for kind in kinds for step in self.checkpoint_steps(kind)
+                 if before is None or step <= before]
+        return max(found, key=lambda sk: (sk[0], kinds.index(sk[1]))) if found else None
 
     def checkpoint_path(self, step):
         """The directory of grid checkpoint `step` (for `read_checkpoint_dir`, `tf.train.load_checkpoint`)."""

@@ -119,10 +119,9 @@ class Trainer:
         """Resume from this job's latest checkpoint (resume or grid) at or before step `before` (default: any);
         else start from `start_from` (a (JobDir, step) grid checkpoint, e.g. the parent's at a spawn time); else
         from init. Returns the step. (`before` re-creates a missing grid checkpoint from the one preceding it.)"""
-        own = [(step, kind) for kind in ("checkpoints", "resume") for step in self.job.checkpoint_steps(kind)
-               if before is None or step <= before]
+        own = self.job.latest_checkpoint(before)
         if own:
-            step, kind = max(own)
+            step, kind = own
             meta = self.job.read_checkpoint(self.checkpoint, step, kind=kind)
             self._partial = np.array(meta.get("epoch_totals", [0.0, 0.0, 0.0]))
             self.history = self.job.read_history()

@@ -67,7 +67,7 @@ def test_sigkill_at_a_named_point_then_rerun_completes_without_recomputing(tmp_p
     proc = subprocess.run(_run_cli(killed, npz), env=env, capture_output=True, timeout=900)
     assert proc.returncode == -signal.SIGKILL
     assert not (killed / "results.nc").exists()
-    assert JobDir(killed / "children" / "s00000004_c1").latest_resume() == 8  # its last epoch end: killed after
+    assert JobDir(killed / "children" / "s00000004_c1").latest_checkpoint(kinds=("resume",)) == (8, "resume")  # its last epoch end: killed after
     done_before = {p: p.stat().st_ino for p in killed.rglob("*") if p.is_file() and "results" in p.parts}
     assert killed / "results" / "parent.nc" in done_before and killed / "results" / "child_s00000004_c0.nc" in done_before
     subprocess.run(_run_cli(killed, npz), check=True, timeout=900, capture_output=True)

@@ -358,6 +358,25 @@ def test_kernel_written_block_by_block_to_disk(tmp_path, suffix):
     np.testing.assert_array_equal(np.asarray(lazy[1:3, 4]), fn(x)[1:3, 4])
 
 
+def test_kernel_at_given_weights_equals_a_model_holding_them_and_leaves_the_model_as_it_was():
+    """`ntk(x, weights=w)` is the kernel of a second model holding `w` (BatchNorm's moving statistics
+    included), computed the same way, so equal to the last bit; the model's own weights come back."""
+    model, shape = _zoo("cnn1d")  # with BatchNorm
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(5, *shape))
+    own = model.get_weights()
+    other = keras.models.clone_model(model)
+    other.set_weights([w + rng.normal(scale=0.1, size=w.shape).astype(w.dtype) for w in own])
+    kernel = ntk.empirical_ntk_fn(model, batch_size=2)
+    at_other = kernel(x, weights=other.get_weights())
+    np.testing.assert_array_equal(at_other, ntk.empirical_ntk_fn(other, batch_size=2)(x))
+    for mine, before in zip(model.get_weights(), own):
+        np.testing.assert_array_equal(mine, before)
+    assert not np.allclose(kernel(x), at_other, rtol=1e-3)  # the weights changed the kernel
+    with pytest.raises(ValueError, match=r"weights must be \d+ arrays shaped as model.get_weights\(\)"):
+        kernel(x, weights=own[:-1])
+
+
 def test_bad_arguments_are_named():
     model, shape = _zoo("mlp")
     with pytest.raises(ValueError, match="trace_axes"):

@@ -362,7 +362,7 @@ def test_sigterm_saves_a_resume_checkpoint_within_one_chunk_and_the_rerun_is_bit
     assert proc.returncode == 143, proc.stderr[-2000:]
     assert "stopped by SIGTERM at step 66" in proc.stderr and "Traceback" not in proc.stderr
     job = JobDir(stopped / "parent")
-    assert job.latest_resume() == 66  # the chunk 62-66 was running when the signal came: no later step
+    assert job.latest_checkpoint(kinds=("resume",)) == (66, "resume")  # the chunk 62-66 was running when the signal came: no later step
     assert job.meta(66, "resume")["epoch_totals"][2] == 16 * 16  # examples seen in epoch 1 so far
     assert not job.has_checkpoint(200)
     subprocess.run(_train_cli(stopped, npz, *chunked), check=True, timeout=600)

@@ -99,7 +99,7 @@ def _linearize(job_dir, length, arrays):
 
 
 def _resume_tensors(job_dir):
-    step = JobDir(job_dir).latest_resume()
+    step, _ = JobDir(job_dir).latest_checkpoint(kinds=("resume",))
     reader = tf.train.load_checkpoint(f"{job_dir}/resume/step_{step:08d}/ckpt")
     return {n: reader.get_tensor(n) for n in reader.get_variable_to_shape_map() if n != "_CHECKPOINTABLE_OBJECT_GRAPH"}
 
