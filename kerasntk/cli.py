@@ -251,20 +251,21 @@ def _dispatch(args, verbose):
 
 
 def _run_replicates(config, seeds, args, verbose):
-    """`kerasntk run --seeds`: one run directory per parent seed, run one after another (with --executor ray each
-    run's jobs go to the cluster together, the runs in turn); with --out, the figures of all of them in
-    OUT/figures."""
+    """`kerasntk run --seeds`: one run directory per parent seed, run one after another (with --executor ray as
+    one job graph: every run's jobs go to the cluster as their dependencies finish); with --out, the figures
+    of all of them in OUT/figures."""
     from kerasntk import experiment, plots, results
 
     replicas = experiment.replicate_dirs(config, seeds, args.out)
-    for seed, (seeded, run_dir) in replicas.items():
-        if args.dry_run:
-            print(f"seed {seed}: {run_dir}")
-            continue
-        experiment.run(seeded, run_dir, verbose=verbose, executor=args.executor, address=args.address)
-        print(f"seed {seed}: results in {run_dir}")
     if args.dry_run:
+        for seed, (_, run_dir) in replicas.items():
+            print(f"seed {seed}: {run_dir}")
         return 0
+    strategy = _strategy(config) if args.executor == "local" else None  # Ray jobs find their own
+    experiment.run_all({f"seed{seed}": replica for seed, replica in replicas.items()}, strategy=strategy,
+                       verbose=verbose, executor=args.executor, address=args.address)
+    for seed, (_, run_dir) in replicas.items():
+        print(f"seed {seed}: results in {run_dir}")
     dirs = [run_dir for _, run_dir in replicas.values()]
     if args.out and len(dirs) > 1:
         from kerasntk import fs

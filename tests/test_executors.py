@@ -8,6 +8,7 @@ import pytest
 from kerasntk import config as cfg
 from kerasntk import experiment, fs
 from kerasntk.experiment import Grid, JobFailed, job_graph
+from kerasntk.experiment.jobs import combine
 from kerasntk.experiment.progress import Progress
 from gcs import gcs_bucket, gcs_dir  # noqa: F401  (fixtures)
 from helpers import result_arrays, tensorboard_runs, temporary_files, tiny
@@ -31,6 +32,21 @@ def test_job_graph_is_a_pure_function_of_config_and_grid(npz):
     assert job_graph(config, grid) == jobs
     single = job_graph(cfg.load(None, tiny(npz, "spawn.children=1")), grid)
     assert not [j for j in single if j.kind == "pairs"]
+
+
+def test_several_runs_combine_into_one_graph_with_their_parents_first(npz):
+    """Two runs' graphs as one: ids prefixed by the run's name, dependencies within the run, every run's
+    parent before any run's children, still topological; a single run keeps its ids."""
+    config = cfg.load(None, tiny(npz))
+    jobs = job_graph(config, Grid.from_config(config, steps_per_epoch=8))
+    plan = combine({"seed0": jobs, "seed1": jobs})
+    shown = [c.id for _, _, c in plan]
+    assert shown[:4] == ["seed0/parent", "seed1/parent", "seed0/measure_parent", "seed1/measure_parent"]
+    assert len(shown) == 2 * len(jobs) == len(set(shown))
+    for position, (name, job, c) in enumerate(plan):
+        assert c.id == f"{name}/{job.id}" and c.deps == tuple(f"{name}/{d}" for d in job.deps)
+        assert set(c.deps) <= set(shown[:position])
+    assert [(job, c) for _, job, c in combine({"only": jobs})] == [(job, job) for job in jobs]
 
 
 def test_progress_line_counts_jobs_and_estimates_from_finished_ones(npz, capsys, monkeypatch):
@@ -78,6 +94,21 @@ def small_run(tmp_path_factory, npz):
     run_dir = tmp_path_factory.mktemp("small")
     experiment.run(cfg.load(None, tiny(npz, *SMALL)), str(run_dir), verbose=0)
     return run_dir
+
+
+@pytest.mark.slow  # two small runs on the workers, ~1 min; the graph they share is tested above
+def test_ray_runs_several_runs_as_one_graph(tmp_path, npz, small_run, ray_cluster, capsys):
+    """Two runs on the cluster at once: the second run's parent starts before the first run's finishes, and each
+    run's results equal the local run's exactly."""
+    config = cfg.load(None, tiny(npz, *SMALL))
+    experiment.run_all({"a": (config, str(tmp_path / "a")), "b": (config, str(tmp_path / "b"))}, executor="ray")
+    events = [line.rsplit(" | ", 1)[-1] for line in capsys.readouterr().out.splitlines() if line.startswith("[kerasntk]")]
+    assert events.index("started b/parent") < min(i for i, e in enumerate(events) if e.startswith("done a/parent"))
+    expected = result_arrays(small_run / "results.nc")
+    for name in "ab":
+        got = result_arrays(tmp_path / name / "results.nc")
+        for variable in expected:
+            np.testing.assert_array_equal(expected[variable], got[variable], err_msg=f"{name}: {variable}")
 
 
 @pytest.mark.slow  # ~1 min; the gs:// killed-worker test covers a retried Ray worker in the default suite

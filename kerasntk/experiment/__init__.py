@@ -7,7 +7,8 @@ from kerasntk.experiment.experiment import Experiment, child_seeds
 from kerasntk.experiment.grid import Grid
 from kerasntk.experiment.jobs import Job, job_graph
 
-__all__ = ["Experiment", "Grid", "Job", "JobFailed", "child_seeds", "job_graph", "replicate_dirs", "run", "run_ray"]
+__all__ = ["Experiment", "Grid", "Job", "JobFailed", "child_seeds", "job_graph", "replicate_dirs", "run", "run_all",
+           "run_ray"]
 
 
 def run(config, run_dir=None, strategy=None, verbose=1, executor="local", address=None):
@@ -15,21 +16,34 @@ def run(config, run_dir=None, strategy=None, verbose=1, executor="local", addres
     and return the merged xarray.Dataset. executor: "local" runs the jobs one after another in this process
     on `strategy` (default: the one `config.distribute` asks for); "ray" runs them as Ray tasks on the
     cluster at `address` (None: a local one), as their dependencies finish."""
+    run_dir = run_dir or os.path.join("runs", config.run_name())
+    return run_all({"": (config, run_dir)}, strategy, verbose, executor, address)[""]
+
+
+def run_all(runs, strategy=None, verbose=1, executor="local", address=None):
+    """Run several experiments, {name: (config, run directory)} (e.g. `replicate_dirs`), and return {name:
+    merged Dataset}. "ray" runs their jobs as one graph, so one run's children train while another's parent
+    does; "local" runs one experiment after another, on `strategy` (default: the one the runs' common
+    `distribute` section asks for)."""
     from kerasntk import distribute, results
     from kerasntk.experiment import executors
     from kerasntk.rundir import RunDir
 
-    run_dir = run_dir or os.path.join("runs", config.run_name())
-    RunDir(run_dir).prepare(config)
-    if executor == "ray":
-        executors.run_ray(config, run_dir, address=address, verbose=verbose)
-    elif executor == "local":
-        d = config.distribute
-        strategy = strategy or distribute.get_strategy(d.tpu, d.logical_cpus)
-        executors.run_local(Experiment(config, run_dir, strategy=strategy, verbose=verbose))
-    else:
+    if executor not in ("local", "ray"):
         raise ValueError(f"executor {executor!r} is not allowed; allowed: local, ray")
-    return results.load(RunDir(run_dir).merged)
+    sections = {repr(config.distribute) for config, _ in runs.values()}
+    if len(sections) > 1:
+        raise ValueError(f"the runs share the machines, so their distribute sections must agree; got {sorted(sections)}")
+    for config, run_dir in runs.values():
+        RunDir(run_dir).prepare(config)
+    if executor == "ray":
+        executors.run_ray(runs, address=address, verbose=verbose)
+    else:
+        for config, run_dir in runs.values():
+            d = config.distribute
+            strategy = strategy or distribute.get_strategy(d.tpu, d.logical_cpus)
+            executors.run_local(Experiment(config, run_dir, strategy=strategy, verbose=verbose))
+    return {name: results.load(RunDir(run_dir).merged) for name, (_, run_dir) in runs.items()}
 
 
 def replicate_dirs(config, seeds, out=None):

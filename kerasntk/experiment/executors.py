@@ -41,18 +41,19 @@ def run_local(experiment):
         _run_here(experiment, job, progress)
 
 
-def run_ray(config, run_dir, address=None, verbose=1):
-    """Run the job graph of `config` in `run_dir` on the Ray cluster at `address` ("auto": the one started on
-    this host with `ray start`), else at RAY_ADDRESS, else on a new local cluster of this machine's CPUs.
-    (Ray's own default would also follow /tmp/ray's record of the last cluster, which outlives a cluster
-    that was killed rather than stopped, and then waits for it.)"""
+def run_ray(runs, address=None, verbose=1):
+    """Run the job graphs of `runs` ({name: (config, run directory)}) as one graph on the Ray cluster at
+    `address` ("auto": the one started on this host with `ray start`), else at RAY_ADDRESS, else on a new
+    local cluster of this machine's CPUs, so one run's children train while another's parent does. (Ray's
+    own default would also follow /tmp/ray's record of the last cluster, which outlives a cluster that was
+    killed rather than stopped, and then waits for it.)"""
     import ray
 
     from kerasntk import fs
     from kerasntk.experiment.experiment import Experiment
 
-    run_dir = fs.absolute(run_dir)  # workers run in the cluster's working directory, not ours
-    driver = Experiment(config, run_dir, verbose=0)  # plans, merges and draws: no accelerator needed
+    # plans, merges and draws: no accelerator needed; absolute: workers run in the cluster's working directory
+    drivers = {name: Experiment(config, fs.absolute(run_dir), verbose=0) for name, (config, run_dir) in runs.items()}
     own_cluster = not ray.is_initialized()
     if own_cluster:
         address = address or os.environ.get("RAY_ADDRESS") or "local"
@@ -60,50 +61,52 @@ def run_ray(config, run_dir, address=None, verbose=1):
         if verbose < 2:  # Ray prints worker deaths and retries to stdout whatever log_to_driver says
             ray._private.worker._worker_logs_enabled = False
     try:
-        options = _task_options(config.distribute, ray.cluster_resources())
-        slots = _slots(config.distribute.job_resources, ray.cluster_resources())
-        remote = ray.remote(max_calls=_max_calls(config.distribute.job_resources))(_run_job_in_worker)
-        remote = remote.options(**options)
-        _drive(driver, remote, config.to_dict(), verbose, slots)
+        tasks = {name: _task(d.config.distribute, ray.cluster_resources()) for name, d in drivers.items()}
+        slots = min(_slots(d.config.distribute.job_resources, ray.cluster_resources()) for d in drivers.values())
+        _drive(drivers, tasks, verbose, slots)
     finally:
         if own_cluster:
             ray.shutdown()
 
 
-def _drive(driver, remote, config_dict, verbose, slots):
-    """Submit every job whose dependencies are done; wait; repeat. Stop at the first failure."""
+def _drive(drivers, tasks, verbose, slots):
+    """Submit every job (of every run's graph) whose dependencies are done; wait; repeat. Stop at the first
+    failure. drivers: {name: Experiment}; tasks: {name: the Ray task that runs that run's jobs}."""
     import ray
 
-    progress = Progress(driver.jobs, slots=slots, verbose=verbose)
-    _check_run_dir(driver)
+    plan = graph.combine({name: driver.jobs for name, driver in drivers.items()})
+    progress = Progress([shown for _, _, shown in plan], slots=slots, verbose=verbose)
+    for driver in drivers.values():
+        _check_run_dir(driver)
     done, pending = set(), {}
-    for job in driver.jobs:
-        if graph.is_done(job, driver.run, driver.grid):
-            done.add(job.id)
-            progress.skipped(job)
-    waiting = [job for job in driver.jobs if job.id not in done]
+    for name, job, shown in plan:
+        if graph.is_done(job, drivers[name].run, drivers[name].grid):
+            done.add(shown.id)
+            progress.skipped(shown)
+    waiting = [row for row in plan if row[2].id not in done]
     while waiting or pending:
-        for job in [j for j in waiting if set(j.deps) <= done]:
-            waiting.remove(job)
-            progress.started(job)
+        for row in [row for row in waiting if set(row[2].deps) <= done]:
+            (name, job, shown), driver = row, drivers[row[0]]
+            waiting.remove(row)
+            progress.started(shown)
             if job.trains:
-                pending[remote.remote(driver.run.root, job.id, config_dict)] = job
+                pending[tasks[name].remote(driver.run.root, job.id, driver.config.to_dict())] = shown
             else:  # merge and report: on the driver, once everything before them is done
-                _run_here(driver, job, progress)
-                done.add(job.id)
+                _run_here(driver, job, progress, shown)
+                done.add(shown.id)
         if not pending:
             continue
         ready, _ = ray.wait(list(pending), num_returns=1)
-        job = pending.pop(ready[0])
+        shown = pending.pop(ready[0])
         try:
             seconds = ray.get(ready[0])
         except ray.exceptions.RayError as err:  # an application error, or retries exhausted
             for ref in pending:
                 ray.cancel(ref, force=True)
-            progress.failed_job(job)
-            raise JobFailed(job.id, _cause(err)) from None
-        done.add(job.id)
-        progress.finished(job, seconds)
+            progress.failed_job(shown)
+            raise JobFailed(shown.id, _cause(err)) from None
+        done.add(shown.id)
+        progress.finished(shown, seconds)
 
 
 def _check_run_dir(experiment):
@@ -116,18 +119,20 @@ def _check_run_dir(experiment):
                     failure["message"])
 
 
-def _run_here(experiment, job, progress):
-    """Run `job` in this process; an error becomes JobFailed naming it (a preemption stays Preempted)."""
+def _run_here(experiment, job, progress, shown=None):
+    """Run `job` in this process; an error becomes JobFailed naming it (a preemption stays Preempted).
+    shown: the job as the progress line names it (default: `job`)."""
     from kerasntk.training import Preempted
 
+    shown = shown or job
     try:
         experiment.run_job(job)
     except Preempted:
         raise
     except Exception as err:
-        progress.failed_job(job)
-        raise JobFailed(job.id, err) from err
-    progress.finished(job)
+        progress.failed_job(shown)
+        raise JobFailed(shown.id, err) from err
+    progress.finished(shown)
 
 
 def _run_job_in_worker(run_dir, job_id, config_dict):
@@ -147,6 +152,13 @@ def _run_job_in_worker(run_dir, job_id, config_dict):
     except Preempted:
         os._exit(143)
     return time.monotonic() - start
+
+
+def _task(d, available):
+    """The Ray task running the training jobs of a run whose `distribute` section is `d`."""
+    import ray
+
+    return ray.remote(max_calls=_max_calls(d.job_resources))(_run_job_in_worker).options(**_task_options(d, available))
 
 
 def _task_options(d, available):

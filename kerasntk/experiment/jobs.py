@@ -100,6 +100,20 @@ def damaged(job, run, grid):
     return found
 
 
+def combine(graphs):
+    """Several runs' job graphs ({name: [Job]}) as one: [(name, job, its job in the combined graph)], where ids
+    are prefixed "name/" (unchanged for a single run) and the jobs are interleaved by their place in their own
+    graph, so every run's parent comes before any run's children. Still topological: a job's dependencies
+    come earlier in its own graph."""
+    rows = []
+    for r, (name, jobs) in enumerate(graphs.items()):
+        label = (lambda i, name=name: f"{name}/{i}") if len(graphs) > 1 else (lambda i: i)
+        for k, job in enumerate(jobs):
+            combined = dataclasses.replace(job, id=label(job.id), deps=tuple(label(d) for d in job.deps))
+            rows.append(((k, r), name, job, combined))
+    return [row[1:] for row in sorted(rows, key=lambda row: row[0])]
+
+
 def by_id(jobs, job_id):
     """The job named `job_id`; a ValueError listing the ids otherwise."""
     for job in jobs:
