@@ -157,7 +157,7 @@ BN_CHAIN = [  # steps: 8 per epoch, grid 0, 3, 4, 7, 8, 11, 16; children spawned
 ]
 
 
-@pytest.mark.slow  # ~2 min: a whole BatchNorm run uninterrupted, then four killed processes and a rerun
+@pytest.mark.slow  # ~100 s: a whole BatchNorm run uninterrupted, then four killed processes and a rerun
 def test_a_batchnorm_run_with_augmentation_killed_in_every_kind_of_job_equals_the_clean_run(tmp_path, images):
     """The BatchNorm CNN with pad-crop-flip and chunks of 3 through the whole experiment: the parent killed
     mid-epoch, kernel learning killed after epoch 1 of 2, a child preempted (SIGTERM) mid-epoch, the pairs
