@@ -5,9 +5,9 @@
     KERASNTK_FAULT_ONCE=path             fire only if `path` does not exist, and create it first (once across retries)
     KERASNTK_FAULT_DIVERGE=id            the trainer of job `id` sees a non-finite loss at its first chunk
 
-Each point comes right after partial work was persisted, so a rerun must reuse it:
+The points, each right after partial work is stored (which a rerun must reuse):
 
-    step     a trainer (parent, child/s00000004_c1): after each chunk of steps, n = the optimizer step
+    step     a trainer (parent, child/s00000004_c1): after each chunk (and its grid checkpoint), n = the optimizer step
     kernels  measure_parent: after the kernels of the n-th grid checkpoint are cached in parent/kernels/
     epoch    linearized/s00000016: after the n-th epoch's resume checkpoint
     pair     pairs/s00000004: after the n-th pair of children is compared (nothing of the job is stored yet)

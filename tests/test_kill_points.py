@@ -1,7 +1,7 @@
 """SIGKILL at named points (`kerasntk.faults`, no polling) of every kind of job, then a rerun: every checkpoint and
 every result bitwise equal to an uninterrupted run, and what was finished before the kill reused, judged by inode
-(a file written again is a new inode under `fs.atomic_file`'s rename). The kills are real: `kerasntk run` in a
-subprocess signalling itself."""
+(a file written again is a new inode under `fs.atomic_file`'s rename). The kills are real: `kerasntk run` (or
+`train`) in a subprocess signalling itself; the last rerun runs in this process."""
 
 import os
 import pathlib

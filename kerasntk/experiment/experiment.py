@@ -250,7 +250,7 @@ class Experiment:
                 trajectory.add(t, self.kernel(w, job.kernel_path(step)), lr)
             if n.enabled and n.per_layer:
                 layer_kernels.append(self.layer_kernel(w, job.layer_kernel_path(step)))
-            faults.at("measure_parent", "kernels", i + 1)
+            faults.at(graph.job_id("measure_parent"), "kernels", i + 1)
         metrics = {k: np.array([r[k] for r in rows]) for k in rows[0]}
         travel = metrics["weight_distance_from_init"]
         metrics["relative_weight_distance_from_init"] = travel / travel[-1] if travel[-1] > 0 else travel * np.nan
