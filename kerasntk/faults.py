@@ -1,21 +1,37 @@
 """Fault injection at named points, for tests of preemption, worker death and divergence (off unless the environment asks).
 
-    KERASNTK_FAULT_STEP=s        fire at the first chunk boundary at or after optimizer step s
-    KERASNTK_FAULT_SIGNAL=TERM   the signal the process sends itself: TERM (a preemption) or KILL (a dead worker)
-    KERASNTK_FAULT_JOB=id        only in the job with this id (e.g. child/s00000004_c0); default: any job
-    KERASNTK_FAULT_ONCE=path     fire only if `path` does not exist, and create it first (once across retries)
-    KERASNTK_FAULT_DIVERGE=id    the trainer of job `id` sees a non-finite loss at its first chunk
+    KERASNTK_FAULT_POINT=job:point[:n]   fire when job `job` passes `point` with progress >= n (default 1)
+    KERASNTK_FAULT_SIGNAL=TERM           the signal the process sends itself: TERM (a preemption) or KILL (a dead worker)
+    KERASNTK_FAULT_ONCE=path             fire only if `path` does not exist, and create it first (once across retries)
+    KERASNTK_FAULT_DIVERGE=id            the trainer of job `id` sees a non-finite loss at its first chunk
+
+The points, each right after partial work is stored (which a rerun must reuse):
+
+    step     a trainer (parent, child/s00000004_c1): after each chunk (and its grid checkpoint), n = the optimizer step
+    kernels  measure_parent: after the kernels of the n-th grid checkpoint are cached in parent/kernels/
+    epoch    linearized/s00000016: after the n-th epoch's resume checkpoint
+    pair     pairs/s00000004: after the n-th pair of children is compared (nothing of the job is stored yet)
+
+E.g. KERASNTK_FAULT_POINT=parent:step:7 KERASNTK_FAULT_SIGNAL=KILL. A trainer turns TERM into a resume checkpoint
+at the end of the running chunk; elsewhere TERM ends the process as KILL does.
 """
 
 import os
 import signal
 
 
-def at_step(job, step):
-    """Send the configured signal to this process if a fault is asked for here."""
+def at(job, point, n):
+    """Send the configured signal to this process if KERASNTK_FAULT_POINT names `job` at `point` and the
+    progress `n` has reached its count."""
     env = os.environ
-    at = env.get("KERASNTK_FAULT_STEP")
-    if not at or step < int(at) or env.get("KERASNTK_FAULT_JOB", job) != job:
+    asked = env.get("KERASNTK_FAULT_POINT")
+    if not asked:
+        return
+    fields = asked.split(":") + ["1"] * (asked.count(":") == 1)
+    if len(fields) != 3 or not fields[2].isdigit():
+        raise ValueError(f"KERASNTK_FAULT_POINT={asked!r} is not allowed; allowed: job:point or job:point:n, "
+                         "e.g. parent:step:7")
+    if fields[0] != job or fields[1] != point or n < int(fields[2]):
         return
     once = env.get("KERASNTK_FAULT_ONCE")
     if once:
@@ -23,7 +39,7 @@ def at_step(job, step):
             os.close(os.open(once, os.O_CREAT | os.O_EXCL))
         except FileExistsError:
             return
-    env.pop("KERASNTK_FAULT_STEP")
+    env.pop("KERASNTK_FAULT_POINT")
     os.kill(os.getpid(), getattr(signal, f"SIG{env.get('KERASNTK_FAULT_SIGNAL', 'TERM')}"))
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import tensorflow as tf
 
 from kerasntk import config as cfg
-from kerasntk import data, summaries
+from kerasntk import data, faults, summaries
 from kerasntk.evaluation import Evaluator
 from kerasntk.linearized import linearize
 from kerasntk.training import Diverged, EpochLines
@@ -26,10 +26,11 @@ def validation_split(arrays, n, seed):
     return train, (arrays.x_train[held], arrays.y_train[held])
 
 
-def fit_linearized(model, weights, arrays, config, job, strategy, verbose=1, summary_dir=None):
+def fit_linearized(model, weights, arrays, config, job, strategy, verbose=1, summary_dir=None, name="linearized"):
     """Train f(x; w_t) + J(x; w_t)·Δw (Δw from 0, softmax cross-entropy, SGD with momentum) and return
     {linearized_test_error (best over epochs, the paper's number), linearized_val_selected_test_error,
-    linearized_test_loss (at the selected epoch)}. Each epoch's row also goes to `summary_dir` (TensorBoard)."""
+    linearized_test_loss (at the selected epoch)}. Each epoch's row also goes to `summary_dir` (TensorBoard);
+    `name` is the job's id for fault points (`faults`)."""
     lc = config.linearize
     train_arrays, (x_val, y_val) = validation_split(arrays, lc.validation_examples, config.train.data_seed)
     steps_per_epoch = data.steps_per_epoch(train_arrays, lc.batch_size)
@@ -70,6 +71,7 @@ def fit_linearized(model, weights, arrays, config, job, strategy, verbose=1, sum
             summaries.write_epoch(summary_dir, int(optimizer.iterations.numpy()), history[-1])
         job.write_history(history)
         job.save_checkpoint(checkpoint, int(optimizer.iterations.numpy()), dict(epoch=epoch + 1), kind="resume")
+        faults.at(name, "epoch", epoch + 1)
     selected = min(history, key=lambda h: (h["val_error"], h["epoch"]))
     return dict(linearized_test_error=min(h["test_error"] for h in history),
                 linearized_val_selected_test_error=selected["test_error"],

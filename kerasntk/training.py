@@ -194,7 +194,7 @@ class Trainer:
             self._partial += chunk
             if self.step in save_steps:
                 self.save_grid_checkpoint()
-            faults.at_step(self.name, self.step)
+            faults.at(self.name, "step", self.step)
             if stop:
                 self._save_resume()
                 raise Preempted(f"{self.name}: stopped by SIGTERM at step {self.step} (epoch {self.epoch():.3f}); "

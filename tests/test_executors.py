@@ -118,7 +118,7 @@ def test_ray_retries_a_worker_killed_mid_training(tmp_path, npz, small_run, ray_
     task, the child resumes at step 8, and results.nc equals the local run's exactly (training is
     deterministic on CPU and each job is a pure function of the run directory), no half-written file left."""
     once = tmp_path / "fired"
-    for name, value in dict(STEP="12", SIGNAL="KILL", JOB="child/s00000004_c0", ONCE=str(once)).items():
+    for name, value in dict(POINT="child/s00000004_c0:step:12", SIGNAL="KILL", ONCE=str(once)).items():
         monkeypatch.setenv(f"KERASNTK_FAULT_{name}", value)
     run_dir = tmp_path / "killed"
     ds = experiment.run(cfg.load(None, tiny(npz, *SMALL)), str(run_dir), verbose=0, executor="ray")
@@ -150,7 +150,7 @@ def test_ray_on_a_gs_run_directory_with_a_killed_worker(gcs_dir, npz, small_run,
     """The same kill on a gs:// run directory (a local GCS emulator server shared by the driver and the
     workers): retried, equal results, no temporary object left in the bucket."""
     once = tmp_path / "fired"
-    for name, value in dict(STEP="12", SIGNAL="KILL", JOB="child/s00000004_c1", ONCE=str(once)).items():
+    for name, value in dict(POINT="child/s00000004_c1:step:12", SIGNAL="KILL", ONCE=str(once)).items():
         monkeypatch.setenv(f"KERASNTK_FAULT_{name}", value)
     experiment.run(cfg.load(None, tiny(npz, *SMALL)), gcs_dir, verbose=0, executor="ray")
     assert once.exists()

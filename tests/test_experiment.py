@@ -1,7 +1,7 @@
-"""The spawning experiment end to end on a tiny problem: schema, metric contract, kill-and-resume, dry runs."""
+"""The spawning experiment end to end on a tiny problem: schema, metric contract, reruns, dry runs (kills and
+reruns: test_kill_points.py)."""
 
 import os
-import signal
 import subprocess
 import sys
 
@@ -12,7 +12,7 @@ import xarray as xr
 
 from kerasntk import config as cfg
 from kerasntk import experiment
-from kerasntk.rundir import JobDir, RunDir
+from kerasntk.rundir import RunDir
 from test_data import write_tfds_metadata
 from helpers import tiny
 
@@ -45,37 +45,6 @@ def test_run_writes_the_schema_and_the_metric_contract(clean_run, npz):
     linearized = ds.parent.sel(metric="linearized_test_error")
     assert linearized.sel(time=[0.0, 1.0]).notnull().all() and linearized.notnull().sum() == 2
     assert "config" in on_disk.attrs and cfg.from_dict(__import__("json").loads(on_disk.attrs["config"])) == cfg.load(None, tiny(npz))
-
-
-def _run_cli(out, npz):
-    args = [sys.executable, "-m", "kerasntk.cli", "-q", "run", "--out", str(out)]
-    for item in tiny(npz):
-        args += ["--set", item]
-    return args
-
-
-def test_sigkill_at_a_named_point_then_rerun_completes_without_recomputing(tmp_path, npz, clean_run):
-    """SIGKILL from the fault hook (no polling) in child 1 of spawn step 4 at its step 12: mid-epoch (8 steps
-    per epoch), at a boundary of steps_per_execution=4 chunks, after the parent, its measurements and other
-    jobs finished. The re-run recomputes nothing finished (same inodes) and ends with every grid checkpoint's
-    tensors and every result equal to the uninterrupted run's."""
-    from helpers import checkpoint_values, result_arrays
-
-    clean, killed = clean_run[1], tmp_path / "killed"
-    env = dict(os.environ, KERASNTK_FAULT_STEP="12", KERASNTK_FAULT_JOB="child/s00000004_c1",
-               KERASNTK_FAULT_SIGNAL="KILL")
-    proc = subprocess.run(_run_cli(killed, npz), env=env, capture_output=True, timeout=900)
-    assert proc.returncode == -signal.SIGKILL
-    assert not (killed / "results.nc").exists()
-    assert JobDir(killed / "children" / "s00000004_c1").latest_checkpoint(kinds=("resume",)) == (8, "resume")  # its last epoch end: killed after
-    done_before = {p: p.stat().st_ino for p in killed.rglob("*") if p.is_file() and "results" in p.parts}
-    assert killed / "results" / "parent.nc" in done_before and killed / "results" / "child_s00000004_c0.nc" in done_before
-    subprocess.run(_run_cli(killed, npz), check=True, timeout=900, capture_output=True)
-    assert {p: p.stat().st_ino for p in done_before} == done_before  # nothing finished was written again
-    assert checkpoint_values(killed) == checkpoint_values(clean)
-    a, b = result_arrays(clean / "results.nc"), result_arrays(killed / "results.nc")
-    for name in a:
-        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
 
 
 def test_rerun_of_a_finished_run_skips_every_job(npz, clean_run):

@@ -357,7 +357,7 @@ def test_sigterm_saves_a_resume_checkpoint_within_one_chunk_and_the_rerun_is_bit
     clean, stopped = tmp_path / "clean", tmp_path / "stopped"
     chunked = ["--set", "train.steps_per_execution=4", "--set", "data.augment=false"]
     subprocess.run(_train_cli(clean, npz, *chunked), check=True, timeout=600)
-    env = dict(os.environ, KERASNTK_FAULT_STEP="63")
+    env = dict(os.environ, KERASNTK_FAULT_POINT="parent:step:63")
     proc = subprocess.run(_train_cli(stopped, npz, *chunked), env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 143, proc.stderr[-2000:]
     assert "stopped by SIGTERM at step 66" in proc.stderr and "Traceback" not in proc.stderr

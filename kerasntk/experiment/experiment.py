@@ -12,7 +12,7 @@ import numpy as np
 import tensorflow as tf
 
 from kerasntk import config as cfg
-from kerasntk import data, fs, hessian, kernel_learning, landscape, models, ntk, plots, results, rundir, summaries, training
+from kerasntk import data, faults, fs, hessian, kernel_learning, landscape, models, ntk, plots, results, rundir, summaries, training
 from kerasntk.evaluation import Evaluator
 from kerasntk.experiment import jobs as graph
 from kerasntk.experiment.grid import Grid
@@ -250,6 +250,7 @@ class Experiment:
                 trajectory.add(t, self.kernel(w, job.kernel_path(step)), lr)
             if n.enabled and n.per_layer:
                 layer_kernels.append(self.layer_kernel(w, job.layer_kernel_path(step)))
+            faults.at(graph.job_id("measure_parent"), "kernels", i + 1)
         metrics = {k: np.array([r[k] for r in rows]) for k in rows[0]}
         travel = metrics["weight_distance_from_init"]
         metrics["relative_weight_distance_from_init"] = travel / travel[-1] if travel[-1] > 0 else travel * np.nan
@@ -267,9 +268,10 @@ class Experiment:
         self._require_parent_checkpoint(step)
         self._say(f"linearized network from the parent at epoch {self.grid.epochs(step):g}")
         weights = self.weights_at(self.run.parent, step)
+        job_id = graph.job_id("linearized", step)
         metrics = kernel_learning.fit_linearized(self.model, weights, self.arrays, self.config,
                                                  self.run.linearized(step), self.strategy, verbose=self.verbose,
-                                                 summary_dir=self.run.tensorboard(graph.job_id("linearized", step)))
+                                                 summary_dir=self.run.tensorboard(job_id), name=job_id)
         results.write_atomic(results.parent_dataset([step], [self.grid.epochs(step)],
                                                     {k: np.array([v]) for k, v in metrics.items()},
                                                     requested_times=[self.grid.requested_time(step)],
@@ -352,6 +354,7 @@ class Experiment:
                 scalars["kernel_distance"] = ntk.kernel_distance(ka, kb)
             rows.append(scalars)
             curves.append(curve)
+            faults.at(graph.job_id("pairs", step), "pair", len(rows))
         names = next((r for r in rows if r), {"error_barrier": None})  # a merge fills the other metrics with NaN
         curve_names = next((c for c in curves if c), {"test_error": None})
         nan_curve = np.full(len(self._alphas()), np.nan)
