@@ -10,7 +10,7 @@ import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from kerasntk import distribute  # noqa: E402
-from helpers import synthetic_arrays, tiny, write_npz  # noqa: E402
+from helpers import N_TRAIN, synthetic_arrays, tiny, write_npz  # noqa: E402
 
 distribute.split_cpu(2)
 
@@ -40,3 +40,14 @@ def clean_run(tmp_path_factory, npz):
 
     run_dir = tmp_path_factory.mktemp("clean")
     return experiment.run(cfg.load(None, tiny(npz)), str(run_dir), verbose=0), run_dir
+
+
+@pytest.fixture(scope="session")
+def arrays():
+    """A standardized mnist1d subset: (x_train, y_train, x_test, y_test)."""
+    from kerasntk import data
+
+    a = data.load_arrays("mnist1d")
+    x = a.x_train[:N_TRAIN]
+    mean, std = x.mean((0, 1)), x.std((0, 1))
+    return (x - mean) / std, a.y_train[:N_TRAIN], (a.x_test[:128] - mean) / std, a.y_test[:128]

@@ -14,6 +14,11 @@ TINY = ["data.name=npz", "train.length=2ep", "train.batch_size=32", "train.steps
         "linearize.times=[0, 1]", "linearize.length=1ep", "linearize.validation_examples=32",
         "hessian.subset_size=64", "hessian.batch_size=64", "hessian.lanczos_steps=8", "hessian.probes=4"]
 
+# Zoo models at small shapes: (name, input shape, options)
+ZOO = [("cnn1d", (16, 1), {}), ("cnn", (8, 8, 3), {"channels": 4}), ("mlp", (12,), {"hidden": [16, 16]}),
+       ("resnet20", (8, 8, 3), {"width": 1}), ("resnet20", (8, 8, 3), {"batchnorm": False}),
+       ("wide_resnet", (8, 8, 3), {"depth": 10, "width": 1})]
+
 
 def synthetic_arrays(n_train=256, n_test=100, shape=(40, 1), classes=10, seed=0):
     """A small learnable problem: class-dependent means plus noise."""
@@ -115,3 +120,56 @@ def tensorboard_runs(root):
     root = pathlib.Path(root)
     folders = sorted({path.parent for path in root.rglob("*tfevents*")})
     return {str(folder.relative_to(root)): tensorboard_scalars(folder) for folder in folders}
+
+
+def write_tfds_metadata(root, name, n_train=20, n_test=7):
+    """Metadata (dataset_info.json with split sizes) so `mock_data` works offline with batch_size=-1.
+
+    Under MockPolicy.USE_CODE the split sizes are unknown, batch_size=-1 becomes sys.maxsize and TF aborts
+    allocating it; USE_FILES with these generated files avoids that and needs no network.
+    """
+    import os
+
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder(name, data_dir=str(root))
+    sizes = {"train": n_train, "test": n_test}
+    splits = [tfds.core.SplitInfo(name=s, shard_lengths=[k], num_bytes=0) for s, k in sizes.items()]
+    builder.info.set_splits(tfds.core.SplitDict(splits))
+    os.makedirs(builder.data_dir, exist_ok=True)
+    builder.info.write_to_directory(builder.data_dir)
+
+
+# A user's own model under model.fit (the callbacks and models-from-runs tests)
+N_TRAIN, BATCH = 256, 64  # 4 steps per epoch, for Keras and for kerasntk (N divisible by the batch)
+
+
+def tiny_model(seed=0, optimizer=None, loss=None):
+    """A user's own functional model: conv, pooling, dense logits, compiled with SGD momentum."""
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((40, 1))
+    h = keras.layers.Conv1D(4, 5, activation="relu")(inputs)
+    h = keras.layers.GlobalAveragePooling1D()(h)
+    model = keras.Model(inputs, keras.layers.Dense(10)(h))
+    model.compile(optimizer or keras.optimizers.SGD(0.1, momentum=0.9),
+                  loss or keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model
+
+
+class Recorder(keras.callbacks.Callback):
+    """Weights, step and SGD momentum slots at train begin and every epoch end (independent of the callbacks)."""
+
+    def __init__(self):
+        super().__init__()
+        self.weights, self.steps, self.momenta = [], [], []
+
+    def _record(self):
+        self.weights.append(self.model.get_weights())
+        self.steps.append(int(self.model.optimizer.iterations.numpy()))
+        self.momenta.append([m.numpy() for m in getattr(self.model.optimizer, "momentums", [])])
+
+    def on_train_begin(self, logs=None):
+        self._record()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._record()

@@ -13,53 +13,10 @@ import tensorflow as tf
 import xarray as xr
 from keras.src.utils.python_utils import is_default  # what Keras checks before dispatching batches async
 
-from helpers import tensorboard_scalars
+from helpers import BATCH, Recorder, tensorboard_scalars, tiny_model
 from kerasntk import callbacks, data, landscape, ntk
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-N_TRAIN, BATCH = 256, 64  # 4 steps per epoch, for Keras and for kerasntk (N divisible by the batch)
-
-
-@pytest.fixture(scope="module")
-def arrays():
-    """A standardized mnist1d subset: (x_train, y_train, x_test, y_test)."""
-    a = data.load_arrays("mnist1d")
-    x = a.x_train[:N_TRAIN]
-    mean, std = x.mean((0, 1)), x.std((0, 1))
-    return (x - mean) / std, a.y_train[:N_TRAIN], (a.x_test[:128] - mean) / std, a.y_test[:128]
-
-
-def tiny_model(seed=0, optimizer=None, loss=None):
-    """A user's own functional model: conv, pooling, dense logits, compiled with SGD momentum."""
-    keras.utils.set_random_seed(seed)
-    inputs = keras.Input((40, 1))
-    h = keras.layers.Conv1D(4, 5, activation="relu")(inputs)
-    h = keras.layers.GlobalAveragePooling1D()(h)
-    model = keras.Model(inputs, keras.layers.Dense(10)(h))
-    model.compile(optimizer or keras.optimizers.SGD(0.1, momentum=0.9),
-                  loss or keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    return model
-
-
-class Recorder(keras.callbacks.Callback):
-    """Weights, step and SGD momentum slots at train begin and every epoch end (independent of the callbacks)."""
-
-    def __init__(self):
-        super().__init__()
-        self.weights, self.steps, self.momenta = [], [], []
-
-    def _record(self):
-        self.weights.append(self.model.get_weights())
-        self.steps.append(int(self.model.optimizer.iterations.numpy()))
-        self.momenta.append([m.numpy() for m in getattr(self.model.optimizer, "momentums", [])])
-
-    def on_train_begin(self, logs=None):
-        self._record()
-
-    def on_epoch_end(self, epoch, logs=None):
-        self._record()
-
-
 class Raise(keras.callbacks.Callback):
     def __init__(self, epoch):
         super().__init__()
@@ -200,7 +157,7 @@ KILLED_FIT = """
 import os, signal, sys
 sys.path.insert(0, {tests!r})
 import keras, numpy as np
-from test_callbacks import tiny_model
+from helpers import tiny_model
 from kerasntk import callbacks
 
 x, y = np.load({arrays!r}).values()

@@ -9,6 +9,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from kerasntk import data
+from helpers import write_tfds_metadata
 
 # float32 standardization vs a float64 reference: inputs are O(1..255) / std, so the float32 result is
 # within a few ulps of values of size <= ~6; 1e-5 absolute leaves a margin of ~10x over float32 rounding.
@@ -112,20 +113,6 @@ def test_channel_stats_match_a_naive_reference():
 
 
 # ------------------------------------------------------------------------------------------- tfds (mocked)
-
-
-def write_tfds_metadata(root, name, n_train=20, n_test=7):
-    """Metadata (dataset_info.json with split sizes) so `mock_data` works offline with batch_size=-1.
-
-    Under MockPolicy.USE_CODE the split sizes are unknown, batch_size=-1 becomes sys.maxsize and TF aborts
-    allocating it; USE_FILES with these generated files avoids that and needs no network.
-    """
-    builder = tfds.builder(name, data_dir=str(root))
-    sizes = {"train": n_train, "test": n_test}
-    splits = [tfds.core.SplitInfo(name=s, shard_lengths=[k], num_bytes=0) for s, k in sizes.items()]
-    builder.info.set_splits(tfds.core.SplitDict(splits))
-    os.makedirs(builder.data_dir, exist_ok=True)
-    builder.info.write_to_directory(builder.data_dir)
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from kerasntk import distribute, doctor
-from test_data import write_tfds_metadata
+from helpers import write_tfds_metadata
 
 REPO = Path(__file__).resolve().parents[1]
 TPU_ENV = distribute.TPU_ENV_NAMES

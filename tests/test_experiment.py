@@ -13,7 +13,7 @@ import xarray as xr
 from kerasntk import config as cfg
 from kerasntk import experiment
 from kerasntk.rundir import RunDir
-from test_data import write_tfds_metadata
+from helpers import write_tfds_metadata
 from helpers import tiny
 
 CONTRACT = {  # metric names other tools rely on (issue 3's CLI contract)

@@ -11,8 +11,7 @@ from keras import layers
 
 from kerasntk import data, models
 from kerasntk.linearized import kernel_regression, linearize
-from helpers import synthetic_arrays
-from test_training import ZOO
+from helpers import ZOO, synthetic_arrays
 
 
 def tiny_model(seed=0, dtype="float64", inputs=5, hidden=7, outputs=3, batchnorm=True, dropout=True):

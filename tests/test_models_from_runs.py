@@ -8,7 +8,7 @@ import pytest
 import kerasntk as kn
 from kerasntk import callbacks, cli, data
 from kerasntk import config as cfg
-from test_callbacks import BATCH, Recorder, arrays, tiny_model  # noqa: F401  (arrays: a fixture)
+from helpers import BATCH, Recorder, tiny_model
 
 # The tiny run (tests/helpers.py TINY): 256 training examples in batches of 32, 8 steps per epoch, 2 epochs;
 # children spawned at 0, 0.5 and 1 epoch (steps 0, 4, 8), 2 per spawn time; the checkpoint grid adds every epoch

@@ -18,7 +18,7 @@ import nbformat
 import papermill
 import pytest
 
-from test_data import write_tfds_metadata  # noqa: E402
+from helpers import write_tfds_metadata  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 COLAB = REPO / "colab"

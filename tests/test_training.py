@@ -15,7 +15,7 @@ from kerasntk import config as cfg
 from kerasntk import data, models, training
 from kerasntk.experiment import Grid
 from kerasntk.rundir import JobDir
-from helpers import synthetic_arrays
+from helpers import ZOO, synthetic_arrays
 
 
 def tiny_config(*overrides):
@@ -157,11 +157,6 @@ def test_mirrored_strategy_matches_one_device(tmp_path, mirrored):
 def test_batch_size_the_replicas_cannot_split(tmp_path, mirrored):
     with pytest.raises(cfg.ConfigError, match="multiple of the 2 replicas"):
         make_trainer(tiny_config("train.batch_size=33"), str(tmp_path), synthetic_arrays(), strategy=mirrored)
-
-
-ZOO = [("cnn1d", (16, 1), {}), ("cnn", (8, 8, 3), {"channels": 4}), ("mlp", (12,), {"hidden": [16, 16]}),
-       ("resnet20", (8, 8, 3), {"width": 1}), ("resnet20", (8, 8, 3), {"batchnorm": False}),
-       ("wide_resnet", (8, 8, 3), {"depth": 10, "width": 1})]
 
 
 @pytest.mark.parametrize("name, shape, options", ZOO, ids=[f"{z[0]}-{i}" for i, z in enumerate(ZOO)])
