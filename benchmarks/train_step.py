@@ -9,7 +9,7 @@ its per-epoch resume checkpoint. The sides alternate (benchmarks/timing.py): a w
 rounds of `epochs` epochs of fit, then of kerasntk; ratio = fit time / kerasntk time per round (> 1: kerasntk
 is faster), median (min-max) over rounds, of wall-clock time and of this process's CPU time.
 
-    python benchmarks/train_step.py [--rounds 7]
+    python benchmarks/train_step.py [--rounds 7] [--fit-input arrays|batches]
 """
 
 import argparse
@@ -39,16 +39,22 @@ def synthetic(n_train, n_test, shape, classes=10):
     return data.Arrays(x, y, xt, yt, name="synthetic", num_classes=classes, augment=None)
 
 
-def keras_side(case, arrays, xla):
-    """`epochs` epochs of `model.fit` (training and test-set evaluation), as a function."""
+def keras_side(case, arrays, xla, fit_input="arrays"):
+    """`epochs` epochs of `model.fit` (training and test-set evaluation), as a function. fit_input "arrays": fit
+    on the numpy arrays (Keras's own pipeline, as users call it); "batches": on kerasntk's training batches and
+    test batches in tf.data pipelines without the autotuning model thread, as the trainer's."""
     keras.utils.set_random_seed(0)
     model = models.get(case["model"], arrays.input_shape, arrays.num_classes, **case["options"])
     model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=xla,
                   steps_per_execution=STEPS_PER_EXECUTION)
-    return lambda: model.fit(arrays.x_train, arrays.y_train, batch_size=case["batch"], epochs=case["epochs"],
-                             shuffle=True, validation_data=(arrays.x_test, arrays.y_test),
-                             validation_batch_size=case["eval_batch"], verbose=0)
+    if fit_input == "arrays":
+        return lambda: model.fit(arrays.x_train, arrays.y_train, batch_size=case["batch"], epochs=case["epochs"],
+                                 shuffle=True, validation_data=(arrays.x_test, arrays.y_test),
+                                 validation_batch_size=case["eval_batch"], verbose=0)
+    train = data.train_batches(arrays, batch_size=case["batch"], epoch=0, order_seed=0, augment_seed=0)
+    test = data.eval_batches(arrays.x_test, arrays.y_test, case["eval_batch"]).with_options(train.options())
+    return lambda: model.fit(train, epochs=case["epochs"], validation_data=test, verbose=0)
 
 
 def kerasntk_side(case, arrays, xla, job):
@@ -77,6 +83,8 @@ CASES = [  # epochs: per side and round, so that a round takes seconds
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--fit-input", choices=("arrays", "batches"), default="arrays",
+                        help="fit on numpy arrays (default) or on kerasntk's tf.data batches (see keras_side)")
     args = parser.parse_args()
     print(timing.machine(), f"TF {tf.__version__}, Keras {keras.__version__}", flush=True)
     rows = []
@@ -87,13 +95,14 @@ def main():
             mode = "XLA" if xla else "graph"
             print(f"{case['name']}, {mode}: fit, kerasntk", flush=True)
             with tempfile.TemporaryDirectory() as job:
-                c = timing.interleave(timing.timed(keras_side(case, arrays, xla)),
+                c = timing.interleave(timing.timed(keras_side(case, arrays, xla, args.fit_input)),
                                       timing.timed(kerasntk_side(case, arrays, xla, job)), args.rounds,
                                       report=lambda r, c: timing.print_round(r, c, ("fit", "kerasntk")))
             rows.append((case["name"], mode, case["batch"], examples / statistics.median(c.a),
                          examples / statistics.median(c.b), c.ratio(), c.cpu_ratio(), c.load()))
     print(f"\n{args.rounds} rounds per row; ratio = fit time / kerasntk time per round (> 1: kerasntk faster), "
-          f"median (min-max), of wall-clock and of this process's CPU time; {timing.machine()}")
+          f"median (min-max), of wall-clock and of this process's CPU time; fit on {args.fit_input}; "
+          f"{timing.machine()}")
     print("| model / data | mode | batch | keras fit ex/s | kerasntk ex/s | ratio | CPU-time ratio | load |")
     print("|---|---|---|---|---|---|---|---|")
     for name, mode, batch, kf, kn, ratio, cpu_ratio, load in rows:
