@@ -2,7 +2,8 @@
 
 After a warm-up (tracing, compilation), the two sides run in turns A B A B ... for several rounds; each
 round gives a ratio A / B, and a comparison is quoted as the median of those ratios with their min-max,
-next to the machine's core count and load average during the rounds.
+next to the machine's core count and load average during the rounds. The process's CPU time per side and
+round is kept too: other processes' load and waits that use no CPU (sleeps, locks) move it far less.
 """
 
 import os
@@ -26,11 +27,14 @@ def timed(fn, calls=1):
 
 @dataclass
 class Comparison:
-    """Seconds per round of sides A and B, and the 1-minute load average at the start of each round."""
+    """Seconds per round of sides A and B, this process's CPU seconds in them (`cpu_a`, `cpu_b`: all its threads,
+    not subprocesses), and the 1-minute load average at the start of each round."""
 
     a: list = field(default_factory=list)
     b: list = field(default_factory=list)
     loads: list = field(default_factory=list)
+    cpu_a: list = field(default_factory=list)
+    cpu_b: list = field(default_factory=list)
 
     @property
     def ratios(self):
@@ -39,6 +43,10 @@ class Comparison:
     def ratio(self, digits=2):
         """'median (min-max)' of the per-round ratios A / B."""
         return spread(self.ratios, digits)
+
+    def cpu_ratio(self, digits=2):
+        """'median (min-max)' of the per-round ratios of CPU time, A / B."""
+        return spread([a / b for a, b in zip(self.cpu_a, self.cpu_b)], digits)
 
     def load(self):
         """'min-max' of the load average over the rounds."""
@@ -53,8 +61,10 @@ def interleave(a, b, rounds, warmup=1, report=None):
     result = Comparison()
     for r in range(rounds):
         result.loads.append(os.getloadavg()[0])
-        result.a.append(a())
-        result.b.append(b())
+        for side, seconds, cpu in ((a, result.a, result.cpu_a), (b, result.b, result.cpu_b)):
+            start = time.process_time()
+            seconds.append(side())
+            cpu.append(time.process_time() - start)
         if report:
             report(r, result)
     return result

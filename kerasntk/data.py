@@ -327,7 +327,13 @@ def train_batches(arrays, *, batch_size, epoch, order_seed, augment_seed, start_
 
     ds = tf.data.Dataset.from_tensor_slices((index[start_batch:], seeds[start_batch:]))
     ds = ds.map(make_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return ds.prefetch(tf.data.AUTOTUNE)
+    # No autotuning model thread: destroying an iterator whose model thread runs waits, at random, for that
+    # thread's next wake-up (5.1, 10.2, 20.5 s ... after the first batch) with no CPU used, and the trainer makes
+    # an iterator per epoch (BENCHMARKS.md). AUTOTUNE then means min(16, cores) parallel calls and a prefetch
+    # buffer that grows on demand.
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return ds.prefetch(tf.data.AUTOTUNE).with_options(options)
 
 
 def _augment_mode(arrays, augment):

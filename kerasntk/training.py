@@ -265,7 +265,7 @@ class Trainer:
 
 def use_xla(jit_compile, strategy):
     """Whether train steps are XLA-compiled: "auto" means on accelerators only (on CPU, TensorFlow's
-    oneDNN kernels train ResNet-20 1.3x faster than XLA: BENCHMARKS.md); never across logical CPUs."""
+    oneDNN kernels train ResNet-20 about 2x as fast as XLA: BENCHMARKS.md); never across logical CPUs."""
     if _replicas_share_a_host_cpu(strategy):
         return False
     if jit_compile == "auto":

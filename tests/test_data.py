@@ -214,6 +214,12 @@ def test_train_batches_follow_epoch_order_with_static_shapes_and_drop_remainder(
     np.testing.assert_array_equal(np.concatenate(ys), arrays.y_train[order])
 
 
+def test_train_batches_run_without_the_autotuning_model_thread():
+    # its teardown waits until the thread's next wake-up (seconds, at random): the trainer makes an iterator per epoch
+    ds = data.train_batches(images(n=40), batch_size=8, epoch=0, order_seed=0, augment_seed=0)
+    assert ds.options().autotune.enabled is False
+
+
 def test_train_batches_are_pure_and_resume_mid_epoch_bitwise():
     arrays = images(n=100)
     kw = dict(batch_size=16, order_seed=1, augment_seed=2)
