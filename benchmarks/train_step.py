@@ -4,8 +4,10 @@ Both sides do the same work per epoch: SGD with momentum 0.9, softmax cross-entr
 training set and one evaluation on the test set, 32 train steps per compiled call, in the same compile mode:
 every case runs once with plain graphs (`jit_compile=False`, kerasntk's default on CPU) and once XLA-compiled
 (`jit_compile=True`, kerasntk's default on TPU/GPU). Op determinism (kerasntk's default) is off on both sides:
-it is process-wide, and Keras silently ignores `jit_compile=True` while it is on. kerasntk's epochs also write
-its per-epoch resume checkpoint. The sides alternate (benchmarks/timing.py): a warm-up (compilation) each, then
+it is process-wide, and Keras silently ignores `jit_compile=True` while it is on. Both write a checkpoint of
+weights and optimizer after every epoch: kerasntk its resume checkpoint, `fit` through Keras's equivalent,
+`keras.callbacks.BackupAndRestore` (removed at the end of each `fit` call, so every round starts afresh). The
+sides alternate (benchmarks/timing.py): a warm-up (compilation) each, then
 rounds of `epochs` epochs of fit, then of kerasntk; ratio = fit time / kerasntk time per round (> 1: kerasntk
 is faster), median (min-max) over rounds, of wall-clock time and of this process's CPU time.
 
@@ -39,8 +41,9 @@ def synthetic(n_train, n_test, shape, classes=10):
     return data.Arrays(x, y, xt, yt, name="synthetic", num_classes=classes, augment=None)
 
 
-def keras_side(case, arrays, xla, fit_input="arrays"):
-    """`epochs` epochs of `model.fit` (training and test-set evaluation), as a function. fit_input "arrays": fit
+def keras_side(case, arrays, xla, backup_dir, fit_input="arrays"):
+    """`epochs` epochs of `model.fit` (training, test-set evaluation, a backup in `backup_dir`), as a function.
+    fit_input "arrays": fit
     on the numpy arrays (Keras's own pipeline, as users call it); "batches": on kerasntk's training batches and
     test batches in tf.data pipelines without the autotuning model thread, as the trainer's."""
     keras.utils.set_random_seed(0)
@@ -48,13 +51,14 @@ def keras_side(case, arrays, xla, fit_input="arrays"):
     model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=xla,
                   steps_per_execution=STEPS_PER_EXECUTION)
+    backup = [keras.callbacks.BackupAndRestore(backup_dir, save_freq="epoch")]
     if fit_input == "arrays":
         return lambda: model.fit(arrays.x_train, arrays.y_train, batch_size=case["batch"], epochs=case["epochs"],
                                  shuffle=True, validation_data=(arrays.x_test, arrays.y_test),
-                                 validation_batch_size=case["eval_batch"], verbose=0)
+                                 validation_batch_size=case["eval_batch"], verbose=0, callbacks=backup)
     train = data.train_batches(arrays, batch_size=case["batch"], epoch=0, order_seed=0, augment_seed=0)
     test = data.eval_batches(arrays.x_test, arrays.y_test, case["eval_batch"]).with_options(train.options())
-    return lambda: model.fit(train, epochs=case["epochs"], validation_data=test, verbose=0)
+    return lambda: model.fit(train, epochs=case["epochs"], validation_data=test, verbose=0, callbacks=backup)
 
 
 def kerasntk_side(case, arrays, xla, job):
@@ -94,8 +98,9 @@ def main():
         for xla in (False, True):
             mode = "XLA" if xla else "graph"
             print(f"{case['name']}, {mode}: fit, kerasntk", flush=True)
-            with tempfile.TemporaryDirectory() as job:
-                c = timing.interleave(timing.timed(keras_side(case, arrays, xla, args.fit_input)),
+            with tempfile.TemporaryDirectory() as job, tempfile.TemporaryDirectory() as backup:
+                fit = keras_side(case, arrays, xla, os.path.join(backup, "fit"), args.fit_input)  # fit removes it
+                c = timing.interleave(timing.timed(fit),
                                       timing.timed(kerasntk_side(case, arrays, xla, job)), args.rounds,
                                       report=lambda r, c: timing.print_round(r, c, ("fit", "kerasntk")))
             rows.append((case["name"], mode, case["batch"], examples / statistics.median(c.a),
