@@ -5,7 +5,7 @@
     KERASNTK_FAULT_ONCE=path             fire only if `path` does not exist, and create it first (once across retries)
     KERASNTK_FAULT_DIVERGE=id            the trainer of job `id` sees a non-finite loss at its first chunk
 
-The points, each right after partial work is stored (which a rerun must reuse):
+The points (POINTS), each where a rerun must reuse what was stored before it:
 
     step     a trainer (parent, child/s00000004_c1): after each chunk (and its grid checkpoint), n = the optimizer step
     kernels  measure_parent: after the kernels of the n-th grid checkpoint are cached in parent/kernels/
@@ -19,6 +19,8 @@ at the end of the running chunk; elsewhere TERM ends the process as KILL does.
 import os
 import signal
 
+POINTS = ("step", "kernels", "epoch", "pair")
+
 
 def at(job, point, n):
     """Send the configured signal to this process if KERASNTK_FAULT_POINT names `job` at `point` and the
@@ -28,9 +30,9 @@ def at(job, point, n):
     if not asked:
         return
     fields = asked.split(":") + ["1"] * (asked.count(":") == 1)
-    if len(fields) != 3 or not fields[2].isdigit():
-        raise ValueError(f"KERASNTK_FAULT_POINT={asked!r} is not allowed; allowed: job:point or job:point:n, "
-                         "e.g. parent:step:7")
+    if len(fields) != 3 or fields[1] not in POINTS or not fields[2].isdigit():
+        raise ValueError(f"KERASNTK_FAULT_POINT={asked!r} is not allowed; allowed: job:point or job:point:n with a "
+                         f"point of {', '.join(POINTS)}, e.g. parent:step:7")
     if fields[0] != job or fields[1] != point or n < int(fields[2]):
         return
     once = env.get("KERASNTK_FAULT_ONCE")

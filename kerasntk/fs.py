@@ -307,13 +307,20 @@ def _upload_dir(local, path, marker):
 
 
 def _put(local, path):
-    """Upload file `local` to object `path` and check the stored size: an upload the store kept shorter or
-    longer than sent (a proxy or server that mangles the request body) fails here, not at a later read."""
+    """Upload file `local` to object `path` and check the stored size: an upload the store keeps shorter or
+    longer than sent (a proxy or server that mangles the request body) is tried once more, then removed (a
+    wrong object must not pass for the file; what it replaced is gone already) and fails here, not at a
+    later read."""
     fs, p = _fs(path)
-    fs.put_file(local, p)
-    sent, stored = os.path.getsize(local), fs.size(p)
-    if stored != sent:
-        raise Damaged(path, f"the store kept {stored} of the {sent} bytes uploaded", "run the command again")
+    sent = os.path.getsize(local)
+    for _ in range(2):
+        fs.put_file(local, p)
+        stored = fs.size(p)
+        if stored == sent:
+            return
+    with contextlib.suppress(FileNotFoundError):
+        fs.rm(p)
+    raise Damaged(path, f"the store kept {stored} of the {sent} bytes uploaded", "run the command again")
 
 
 def _fsync_dir(directory):

@@ -24,7 +24,7 @@ Cost and memory: one forward pass and O backward passes (vectorized) per block o
 for a symmetric kernel (x2 None) only the upper block triangle is computed, each row's features reused
 along it. Two blocks' features (batch_size·O·P numbers each) are held at a time, so peak memory grows with
 batch_size, not with N. Functions are `tf.function`s without XLA, because on CPU XLA-compiled ResNet-20
-steps ran 1.3x slower than TensorFlow's oneDNN kernels (BENCHMARKS.md, "Training"); the block pair a
+steps run about 2x slower than TensorFlow's oneDNN kernels (BENCHMARKS.md, "Training"); the block pair a
 replica runs under a strategy compiles with XLA (tests/test_ntk.py), as TPUStrategy requires.
 """
 
@@ -146,8 +146,8 @@ def _at_weights(model, weights):
     if given != expected:
         raise ValueError(f"weights must be {len(expected)} arrays shaped as model.get_weights() of "
                          f"{model.name!r} ({expected}); got {len(given)} shaped {given}")
-    model.set_weights(weights)
     try:
+        model.set_weights(weights)
         yield
     finally:
         model.set_weights(own)

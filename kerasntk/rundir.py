@@ -95,8 +95,8 @@ class JobDir:
         fs.remove(self._checkpoint(step, kind))
 
     def latest_checkpoint(self, before=None, kinds=("checkpoints", "resume")):
-        """(step, kind) of the latest complete checkpoint of `kinds` at or before step `before` (default: any),
-        the later kind on a tie; None if there is none. What a resumed job starts from."""
+        """(step, kind) of the latest complete checkpoint of `kinds` (a tuple) at or before step `before`
+        (default: any), the later kind on a tie; None if there is none. What a resumed job starts from."""
         found = [(step, kind) for kind in kinds for step in self.checkpoint_steps(kind)
                  if before is None or step <= before]
         return max(found, key=lambda sk: (sk[0], kinds.index(sk[1]))) if found else None

@@ -14,7 +14,7 @@ import xarray as xr
 from keras.src.utils.python_utils import is_default  # what Keras checks before dispatching batches async
 
 from helpers import BATCH, Recorder, tensorboard_scalars, tiny_model
-from kerasntk import callbacks, data, landscape, ntk
+from kerasntk import callbacks, landscape, ntk
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 class Raise(keras.callbacks.Callback):

@@ -103,7 +103,10 @@ def test_ray_runs_several_runs_as_one_graph(tmp_path, npz, small_run, ray_cluste
     config = cfg.load(None, tiny(npz, *SMALL))
     experiment.run_all({"a": (config, str(tmp_path / "a")), "b": (config, str(tmp_path / "b"))}, executor="ray")
     events = [line.rsplit(" | ", 1)[-1] for line in capsys.readouterr().out.splitlines() if line.startswith("[kerasntk]")]
-    assert events.index("started b/parent") < min(i for i, e in enumerate(events) if e.startswith("done a/parent"))
+    first = {kind: min(i for i, e in enumerate(events) if e.startswith(kind)) for kind in
+             ("started b/parent", "done a/parent", "done b/parent", "started a/merge")}
+    assert first["started b/parent"] < first["done a/parent"]  # submitted together
+    assert first["done b/parent"] < first["started a/merge"]  # and b's parent trained while a's jobs ran
     expected = result_arrays(small_run / "results.nc")
     for name in "ab":
         got = result_arrays(tmp_path / name / "results.nc")

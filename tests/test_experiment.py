@@ -13,8 +13,7 @@ import xarray as xr
 from kerasntk import config as cfg
 from kerasntk import experiment
 from kerasntk.rundir import RunDir
-from helpers import write_tfds_metadata
-from helpers import tiny
+from helpers import tiny, write_tfds_metadata
 
 CONTRACT = {  # metric names other tools rely on (issue 3's CLI contract)
     "parent": ["test_error", "test_loss", "train_error", "kernel_velocity", "kernel_distance_from_init",

@@ -97,6 +97,23 @@ def test_sealed_files_and_checkpoints_verify_and_name_what_is_damaged(root):
         job.read_checkpoint(tf.train.Checkpoint(v=tf.Variable(np.zeros(100))), 7)
 
 
+def test_the_latest_checkpoint_is_where_a_job_resumes(tmp_path):
+    """Grid and resume checkpoints by step, the resume one on a tie, none after `before`, only complete ones."""
+    import tensorflow as tf
+
+    from kerasntk import rundir
+
+    job, state = rundir.JobDir(str(tmp_path / "job")), tf.train.Checkpoint(v=tf.Variable(1.0))
+    assert job.latest_checkpoint() is None
+    for step, kind in ((4, "checkpoints"), (4, "resume"), (8, "checkpoints")):
+        job.save_checkpoint(state, step, {}, kind=kind)
+    fs.makedirs(fs.join(job.path, "resume", "step_00000009"))  # no meta.json: incomplete
+    assert job.latest_checkpoint() == (8, "checkpoints")
+    assert job.latest_checkpoint(before=7) == (4, "resume")
+    assert job.latest_checkpoint(before=7, kinds=("checkpoints",)) == (4, "checkpoints")
+    assert job.latest_checkpoint(before=3) is None
+
+
 def test_listings_see_what_another_process_writes_overwrites_and_removes(root):
     fs.write_json(fs.join(root, "one.json"), [1])
     assert fs.listdir(root) == ["one.json"]  # a listing that a cache would keep
@@ -131,14 +148,16 @@ def test_every_byte_of_a_file_and_a_directory_arrives(root):
 
 def test_an_upload_the_store_keeps_short_is_refused(gcs_dir, monkeypatch, tmp_path):
     """A store that keeps fewer bytes than were sent (a stand-in for a mangling proxy or server, wrapped
-    around the real emulator) fails the write at once, naming the file."""
-    store_of = fs._fs
+    around the real emulator): tried twice, then the short object is removed and the write fails, naming
+    the file."""
+    store_of, uploads = fs._fs, []
 
     class Shortening:
         def __init__(self, store):
             self.store = store
 
         def put_file(self, local, path):
+            uploads.append(path)
             short = tmp_path / "short"
             short.write_bytes(open(local, "rb").read()[:-1])
             self.store.put_file(str(short), path)
@@ -154,3 +173,4 @@ def test_an_upload_the_store_keeps_short_is_refused(gcs_dir, monkeypatch, tmp_pa
     path = fs.join(gcs_dir, "x.json")
     with pytest.raises(fs.Damaged, match=rf"{path} is damaged \(the store kept 9 of the 10 bytes uploaded\); run the command again"):
         fs.write_json(path, [1, 2])
+    assert len(uploads) == 2 and not fs.exists(path)

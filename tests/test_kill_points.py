@@ -192,5 +192,8 @@ def test_a_fault_point_fires_once_at_its_job_point_and_count(monkeypatch):
         monkeypatch.setenv("KERASNTK_FAULT_POINT", "parent:step:seven")
         with pytest.raises(ValueError, match=r"KERASNTK_FAULT_POINT='parent:step:seven' is not allowed; allowed: job:point"):
             faults.at("parent", "step", 7)
+        monkeypatch.setenv("KERASNTK_FAULT_POINT", "parent:setp:7")  # a misspelt point would never fire
+        with pytest.raises(ValueError, match="with a point of step, kernels, epoch, pair"):
+            faults.at("parent", "step", 7)
     finally:
         signal.signal(signal.SIGUSR1, previous)

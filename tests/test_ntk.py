@@ -375,6 +375,10 @@ def test_kernel_at_given_weights_equals_a_model_holding_them_and_leaves_the_mode
     assert not np.allclose(kernel(x), at_other, rtol=1e-3)  # the weights changed the kernel
     with pytest.raises(ValueError, match=r"weights must be \d+ arrays shaped as model.get_weights\(\)"):
         kernel(x, weights=own[:-1])
+    with pytest.raises(ValueError):  # inputs of the wrong shape fail inside the computation ...
+        kernel(x[:, :5], weights=other.get_weights())
+    for mine, before in zip(model.get_weights(), own):  # ... and the model's own weights are back
+        np.testing.assert_array_equal(mine, before)
 
 
 def test_bad_arguments_are_named():

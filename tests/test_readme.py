@@ -64,21 +64,22 @@ def test_callbacks_block_runs_as_written(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_python_api_block_runs(tmp_path, monkeypatch):
-    """A 10-epoch experiment and ResNet-20 kernels: slow. The names the block leaves to the reader (x1, K1, K2, y,
-    x_train, y_train, x_test, y_test, w, w0, Ks_0, Ks_1, times) are defined first, small."""
+    """A 10-epoch experiment, ResNet-20 kernels and Hessian-vector products on 1000 examples: slow. The names the block leaves to the reader (x1, K1, K2, y,
+    x_train, y_train, x_test, y_test, w, w0, K_0, K_1, Ks_0, Ks_1, times) are defined first, small."""
     import numpy as np
 
     monkeypatch.chdir(tmp_path)
     rng = np.random.default_rng(0)
     kernel = rng.normal(size=(4, 4))
     prelude = dict(x1=rng.normal(size=(4, 32, 32, 3)).astype("float32"), K1=kernel @ kernel.T, K2=np.eye(4),
-                   y=np.array([0, 1, 2, 3]), x_train=rng.normal(size=(64, 32, 32, 3)).astype("float32"),
-                   y_train=rng.integers(0, 10, 64), times=[0.0, 1.0])
+                   y=np.array([0, 1, 2, 3]), x_train=rng.normal(size=(1000, 32, 32, 3)).astype("float32"),
+                   y_train=np.arange(1000) % 10, times=[0.0, 1.0])
     prelude.update(x_test=prelude["x_train"][:16], y_test=prelude["y_train"][:16])
     from kerasntk import models
 
     resnet = models.get("resnet20", input_shape=(32, 32, 3), num_classes=10)
     prelude.update(w=resnet.get_weights(), w0=resnet.get_weights())  # another initialisation of the block's model
+    prelude.update(K_0=prelude["K1"], K_1=prelude["K1"] + np.eye(4))
     code = _block("python", "kn.config.load")
     setup, _, rest = code.partition("layers = ")
     scope = dict(prelude)

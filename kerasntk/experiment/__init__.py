@@ -31,9 +31,11 @@ def run_all(runs, strategy=None, verbose=1, executor="local", address=None):
 
     if executor not in ("local", "ray"):
         raise ValueError(f"executor {executor!r} is not allowed; allowed: local, ray")
-    sections = {repr(config.distribute) for config, _ in runs.values()}
-    if len(sections) > 1:
-        raise ValueError(f"the runs share the machines, so their distribute sections must agree; got {sorted(sections)}")
+    if not runs:
+        raise ValueError("no runs given; allowed: {name: (config, run directory)} with at least one run")
+    sections = [config.distribute for config, _ in runs.values()]
+    if any(d != sections[0] for d in sections):
+        raise ValueError(f"the runs share the machines, so their distribute sections must agree; got {sections}")
     for config, run_dir in runs.values():
         RunDir(run_dir).prepare(config)
     if executor == "ray":

@@ -52,8 +52,11 @@ def run_ray(runs, address=None, verbose=1):
     from kerasntk import fs
     from kerasntk.experiment.experiment import Experiment
 
-    # plans, merges and draws: no accelerator needed; absolute: workers run in the cluster's working directory
-    drivers = {name: Experiment(config, fs.absolute(run_dir), verbose=0) for name, (config, run_dir) in runs.items()}
+    drivers = {}  # they plan, merge and draw: no accelerator needed; runs with the same data share its arrays
+    for name, (config, run_dir) in runs.items():
+        loaded = next((d.arrays for d in drivers.values() if d.config.data == config.data), None)
+        # absolute: workers run in the cluster's working directory, not ours
+        drivers[name] = Experiment(config, fs.absolute(run_dir), verbose=0, arrays=loaded)
     own_cluster = not ray.is_initialized()
     if own_cluster:
         address = address or os.environ.get("RAY_ADDRESS") or "local"
@@ -84,29 +87,31 @@ def _drive(drivers, tasks, verbose, slots):
             done.add(shown.id)
             progress.skipped(shown)
     waiting = [row for row in plan if row[2].id not in done]
-    while waiting or pending:
-        for row in [row for row in waiting if set(row[2].deps) <= done]:
-            (name, job, shown), driver = row, drivers[row[0]]
-            waiting.remove(row)
-            progress.started(shown)
-            if job.trains:
-                pending[tasks[name].remote(driver.run.root, job.id, driver.config.to_dict())] = shown
-            else:  # merge and report: on the driver, once everything before them is done
-                _run_here(driver, job, progress, shown)
-                done.add(shown.id)
-        if not pending:
-            continue
-        ready, _ = ray.wait(list(pending), num_returns=1)
-        shown = pending.pop(ready[0])
-        try:
-            seconds = ray.get(ready[0])
-        except ray.exceptions.RayError as err:  # an application error, or retries exhausted
-            for ref in pending:
-                ray.cancel(ref, force=True)
-            progress.failed_job(shown)
-            raise JobFailed(shown.id, _cause(err)) from None
-        done.add(shown.id)
-        progress.finished(shown, seconds)
+    try:
+        while waiting or pending:
+            for row in [row for row in waiting if set(row[2].deps) <= done]:
+                (name, job, shown), driver = row, drivers[row[0]]
+                waiting.remove(row)
+                progress.started(shown)
+                if job.trains:
+                    pending[tasks[name].remote(driver.run.root, job.id, driver.config.to_dict())] = shown
+                else:  # merge and report: on the driver, once everything before them (in their run) is done
+                    _run_here(driver, job, progress, shown)
+                    done.add(shown.id)
+            if not pending:
+                continue
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            shown = pending.pop(ready[0])
+            try:
+                seconds = ray.get(ready[0])
+            except ray.exceptions.RayError as err:  # an application error, or retries exhausted
+                progress.failed_job(shown)
+                raise JobFailed(shown.id, _cause(err)) from None
+            done.add(shown.id)
+            progress.finished(shown, seconds)
+    finally:  # a failure (or Ctrl-C) leaves no task of any run training unwatched on the cluster
+        for ref in pending:
+            ray.cancel(ref, force=True)
 
 
 def _check_run_dir(experiment):

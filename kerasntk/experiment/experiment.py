@@ -27,12 +27,13 @@ def child_seeds(config, step, child):
 
 
 class Experiment:
-    """The jobs of one run directory, sharing the loaded data, grid, strategy and probe set."""
+    """The jobs of one run directory, sharing the loaded data, grid, strategy and probe set. arrays: the
+    config's dataset if already loaded (replicates share theirs)."""
 
-    def __init__(self, config, run_dir, strategy=None, verbose=1):
+    def __init__(self, config, run_dir, strategy=None, verbose=1, arrays=None):
         self.config, self.run, self.verbose = config, RunDir(run_dir), verbose
         self.strategy = strategy or tf.distribute.get_strategy()
-        self.arrays = training.load_data(config)
+        self.arrays = training.load_data(config) if arrays is None else arrays
         steps_per_epoch = data.steps_per_epoch(self.arrays, config.train.batch_size)
         cfg.validate_against(config, steps_per_epoch, self.strategy.num_replicas_in_sync)
         self.grid = Grid.from_config(config, steps_per_epoch)
