@@ -44,8 +44,9 @@ def synthetic(n_train, n_test, shape, classes=10):
 def keras_side(case, arrays, xla, backup_dir, fit_input="arrays"):
     """`epochs` epochs of `model.fit` (training, test-set evaluation, a backup in `backup_dir`), as a function.
     fit_input "arrays": fit
-    on the numpy arrays (Keras's own pipeline, as users call it); "batches": on kerasntk's training batches and
-    test batches in tf.data pipelines without the autotuning model thread, as the trainer's."""
+    on the numpy arrays (Keras's own pipeline, as users call it); "batches": on kerasntk's training batches (epoch
+    0's order in every epoch) and test batches in tf.data pipelines without the autotuning model thread, as the
+    trainer's."""
     keras.utils.set_random_seed(0)
     model = models.get(case["model"], arrays.input_shape, arrays.num_classes, **case["options"])
     model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9),

@@ -41,9 +41,8 @@ def run_all(runs, strategy=None, verbose=1, executor="local", address=None):
     if executor == "ray":
         executors.run_ray(runs, address=address, verbose=verbose)
     else:
+        strategy = strategy or distribute.get_strategy(sections[0].tpu, sections[0].logical_cpus)
         for config, run_dir in runs.values():
-            d = config.distribute
-            strategy = strategy or distribute.get_strategy(d.tpu, d.logical_cpus)
             executors.run_local(Experiment(config, run_dir, strategy=strategy, verbose=verbose))
     return {name: results.load(RunDir(run_dir).merged) for name, (_, run_dir) in runs.items()}
 
